@@ -1,0 +1,193 @@
+"""The hiding network (paper, section 3.1): a U-Net with residual encoder blocks.
+
+Input: the cover C ``(B, 3, S, S)`` in [0, 1] concatenated on channels with the identity feature
+tiled to ``(B, 3, S, S)`` (:func:`tile_feature`), i.e. ``(B, 6, S, S)``. Output: D ``(B, 3, S, S)``.
+The last convolution starts at zero and its output is added to C, so an untrained network is the
+identity map and training only has to learn the change; this is the same function class as a
+U-Net that outputs D directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, tiling_shape
+from .errors import ConfigError, ModelNotFoundError
+from .weights import load_safetensors, save_safetensors
+
+IDENTITY_BANK_KEY = "identity_bank"
+
+
+def tile_feature(feature: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Tile identity features to image planes (paper: 1 x 512 -> 2 x 256 -> 256 x 256 -> 3 x 256 x 256).
+
+    Args:
+        feature: ``(B, D)``.
+        image_size: S.
+    Returns:
+        ``(B, 3, S, S)``.
+    """
+    b, d = feature.shape
+    rows, cols, reps = tiling_shape(d, image_size)
+    plane = feature.reshape(b, rows, cols)
+    if cols < image_size:
+        plane = plane.repeat(1, 1, image_size // cols)
+    plane = plane.repeat(1, reps, 1)
+    return plane.unsqueeze(1).expand(b, 3, image_size, image_size)
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block (ResNet basic block with GroupNorm)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _norm(channels, groups),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            _norm(channels, groups),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Down(nn.Module):
+    """Encoder level: strided convolution (halves the size) followed by residual blocks."""
+
+    def __init__(self, cin: int, cout: int, res_blocks: int, groups: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(cin, cout, 4, stride=2, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(cout, groups) for _ in range(res_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.down(x))
+
+
+class Up(nn.Module):
+    """Decoder level: bilinear upsampling, concatenation with the skip, two convolutions."""
+
+    def __init__(self, cin: int, cskip: int, cout: int, groups: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin + cskip, cout, 3, padding=1),
+            _norm(cout, groups),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            _norm(cout, groups),
+            nn.LeakyReLU(0.2),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.body(torch.cat([x, skip], dim=1))
+
+
+class HidingNetwork(nn.Module):
+    """U-Net hiding network ``D = HN(C, tile(e))``; sizes come from a :class:`ModelConfig`.
+
+    The model also carries the identity bank (``(N, D)`` features of fake faces) as a buffer,
+    so one ``model.safetensors`` holds everything needed to de-identify.
+    """
+
+    def __init__(self, config: ModelConfig, identity_bank: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        ch = [config.base_channels * m for m in config.channel_mults]
+        g = config.groups
+        self.stem = nn.Sequential(nn.Conv2d(6, ch[0], 3, padding=1), ResBlock(ch[0], g))
+        self.downs = nn.ModuleList(
+            Down(cin, cout, config.res_blocks, g) for cin, cout in zip([ch[0], *ch[:-1]], ch)
+        )
+        self.mid = ResBlock(ch[-1], g)
+        skips = [ch[0], *ch[:-1]]
+        outs = [*ch[:-1]][::-1] + [ch[0]]
+        self.ups = nn.ModuleList()
+        cin = ch[-1]
+        for cskip, cout in zip(skips[::-1], outs):
+            self.ups.append(Up(cin, cskip, cout, g))
+            cin = cout
+        self.head = nn.Conv2d(cin, 3, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        bank = identity_bank if identity_bank is not None else torch.zeros(0, config.feature_dim)
+        self.register_buffer(IDENTITY_BANK_KEY, bank.float().contiguous(), persistent=True)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.feature_dim
+
+    def residual(self, cover: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The change ``D - C`` before clamping. ``cover`` ``(B, 3, S, S)``, ``feature`` ``(B, D)``."""
+        s = self.config.image_size
+        if cover.shape[-2:] != (s, s) or cover.shape[1] != 3:
+            raise ValueError(f"cover must be (B, 3, {s}, {s}), got {tuple(cover.shape)}")
+        if feature.shape != (cover.shape[0], self.config.feature_dim):
+            raise ValueError(f"feature must be (B, {self.config.feature_dim}), got {tuple(feature.shape)}")
+        x = torch.cat([cover, tile_feature(feature.to(cover.dtype), s)], dim=1)
+        x = self.stem(x)
+        skips = []
+        for down in self.downs:
+            skips.append(x)
+            x = down(x)
+        x = self.mid(x)
+        for up, skip in zip(self.ups, reversed(skips)):
+            x = up(x, skip)
+        return self.head(x)
+
+    def forward(self, cover: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """De-identified ``D`` ``(B, 3, S, S)`` in [0, 1]."""
+        return (cover + self.residual(cover, feature)).clamp(0, 1)
+
+    def save_pretrained(self, folder: str | Path, half: bool = False, card: str | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``README.md`` when ``card`` is given)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / "config.json")
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        if half:
+            state = {k: (v.half() if v.is_floating_point() and k != IDENTITY_BANK_KEY else v) for k, v in state.items()}
+        save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt", "featdeid": "1"})
+        if card is not None:
+            (folder / "README.md").write_text(card)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> HidingNetwork:
+        """Load a model folder written by :meth:`save_pretrained` (safetensors only)."""
+        folder = Path(folder)
+        cfg_path, w_path = folder / "config.json", folder / "model.safetensors"
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise ModelNotFoundError(f"{p} not found: a featdeid model folder has config.json and model.safetensors")
+        config = ModelConfig.load(cfg_path)
+        state = load_safetensors(w_path)
+        bank = state.get(IDENTITY_BANK_KEY)
+        model = cls(config, identity_bank=bank)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"{w_path} does not match {cfg_path}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        model.eval()
+        return model
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return json.dumps({**self.config.to_dict(), "parameters": n, "identities": int(self.identity_bank.shape[0])})

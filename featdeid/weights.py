@@ -1,0 +1,47 @@
+"""Safe weight files: safetensors only, with clear errors for pickles and tampered files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UnsafeWeightsError
+
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch zip archive
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, refusing anything else (pickles are never unpickled)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if any(head.startswith(m) for m in _PICKLE_MAGIC):
+        raise UnsafeWeightsError(f"{path} is a pickle / torch.save archive; featdeid loads safetensors only")
+    if len(head) < 8:
+        raise UnsafeWeightsError(f"{path} is truncated ({len(head)} bytes); not a safetensors file")
+    header_len = int.from_bytes(head, "little")
+    size = path.stat().st_size
+    if header_len <= 0 or header_len > min(size - 8, 100_000_000):
+        raise UnsafeWeightsError(f"{path} is not a valid safetensors file (bad header length)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise UnsafeWeightsError(f"{path} is not a valid safetensors file: {e}") from e
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temporary file + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

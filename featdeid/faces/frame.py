@@ -156,3 +156,48 @@ def crop_window(
         frames = F.interpolate(frames, scale_factor=factor * 1.5, mode="bilinear", antialias=True, align_corners=False)
     grid = F.affine_grid(theta.expand(b, 2, 3), [b, c, h, w], align_corners=False)
     return F.grid_sample(frames, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+def frame_bbox(m: np.ndarray, size: int, hw: tuple[int, int], pad: int = 2) -> tuple[int, int, int, int] | None:
+    """Integer image box ``(x0, y0, x1, y1)`` covering the frame ``m`` maps to, clipped; None if empty."""
+    inv = invert_affine(m)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64)
+    pts = corners @ inv.T
+    x0, y0 = np.floor(pts.min(0)).astype(int) - pad
+    x1, y1 = np.ceil(pts.max(0)).astype(int) + pad
+    h, w = hw
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def shift(m: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """The same mapping for an image cropped at ``(dx, dy)``."""
+    out = m.copy()
+    out[:, 2] += m[:, :2] @ np.array([dx, dy], dtype=np.float64)
+    return out
+
+
+def rescale(m: np.ndarray, factor: float) -> np.ndarray:
+    """The same mapping into a frame ``factor`` times larger."""
+    return m * factor
+
+
+def extract(region: torch.Tensor, m: np.ndarray, size: int, out_size: int | None = None) -> torch.Tensor:
+    """Align a face into the canonical frame with anti-aliasing.
+
+    Args:
+        region: ``(3, h, w)`` float image (or crop of it) the matrix ``m`` refers to.
+        m: image -> frame matrix for a ``size`` frame.
+        out_size: frame size to return (default ``size``).
+    Returns:
+        ``(1, 3, out, out)``. Large faces are warped at their native resolution, then resized down.
+    """
+    out_size = out_size or size
+    native = int(round(size / frame_scale(m)))
+    work = min(max(native, out_size), 4 * out_size)
+    face = warp(region, rescale(m, work / size), (work, work))
+    if work != out_size:
+        face = F.interpolate(face, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    return face

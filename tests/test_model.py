@@ -1,0 +1,96 @@
+"""Hiding network: tiling rule, shapes, config validation, save/load round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featdeid.config import PAPER, SMALL_CPU, ModelConfig, tiling_shape
+from featdeid.errors import ConfigError, UnsafeWeightsError
+from featdeid.model import HidingNetwork, tile_feature
+
+
+def test_paper_tiling_rule():
+    f = torch.arange(512.0)[None]
+    t = tile_feature(f, 256)
+    assert t.shape == (1, 3, 256, 256)
+    assert torch.equal(t[0, 0, 0], f[0, :256]) and torch.equal(t[0, 0, 1], f[0, 256:])
+    assert torch.equal(t[0, 0, 2], f[0, :256]) and torch.equal(t[0, 0, 255], f[0, 256:])
+    assert torch.equal(t[0, 0], t[0, 1]) and torch.equal(t[0, 0], t[0, 2])
+
+
+@pytest.mark.parametrize(
+    "d,s,expect",
+    [(512, 256, (2, 256, 128)), (512, 128, (4, 128, 32)), (512, 512, (1, 512, 512)), (128, 256, (1, 128, 256)), (512, 1024, (1, 512, 1024))],
+)
+def test_tiling_generalised(d, s, expect):
+    assert tiling_shape(d, s) == expect
+    f = torch.randn(2, d)
+    t = tile_feature(f, s)
+    assert t.shape == (2, 3, s, s)
+    flat = t[:, 0].reshape(2, -1)
+    assert set(torch.unique(flat[0]).tolist()) == set(f[0].tolist())
+
+
+@pytest.mark.parametrize("d,s", [(500, 256), (768, 256), (512, 96)])
+def test_tiling_refuses_other_pairs(d, s):
+    with pytest.raises(ConfigError):
+        tiling_shape(d, s)
+
+
+@pytest.mark.parametrize("cfg", [SMALL_CPU, ModelConfig(image_size=64, base_channels=8, channel_mults=(1, 2), groups=4)])
+def test_shapes_and_identity_at_init(cfg):
+    m = HidingNetwork(cfg).eval()
+    c = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    e = torch.randn(2, cfg.feature_dim)
+    with torch.inference_mode():
+        d = m(c, e)
+    assert d.shape == c.shape
+    assert torch.equal(d, c)  # zero-initialised head: an untrained network changes nothing
+    with pytest.raises(ValueError):
+        m(torch.rand(2, 3, 32, 32), e)
+
+
+def test_paper_config_is_the_paper_size():
+    assert PAPER.image_size == 256 and PAPER.feature_dim == 512
+    m = HidingNetwork(PAPER)
+    assert m.stem[0].in_channels == 6
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(image_size=100), dict(channel_mults=()), dict(base_channels=0), dict(feature_dim=500), dict(default_strength=-1), dict(image_size="256")],
+)
+def test_config_validation(bad):
+    with pytest.raises(ConfigError):
+        ModelConfig(**bad)
+
+
+def test_save_load_round_trip(tmp_path, random_model):
+    folder = random_model.save_pretrained(tmp_path / "m", card="# card\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    loaded = HidingNetwork.from_pretrained(folder)
+    c = torch.rand(3, 3, 64, 64)
+    e = random_model.identity_bank[:3]
+    with torch.inference_mode():
+        assert torch.equal(loaded(c, e), random_model(c, e))
+    assert torch.equal(loaded.identity_bank, random_model.identity_bank)
+    half = HidingNetwork.from_pretrained(random_model.save_pretrained(tmp_path / "h", half=True))
+    with torch.inference_mode():
+        assert (half(c, e) - random_model(c, e)).abs().max() < 5e-3
+    assert torch.equal(half.identity_bank, random_model.identity_bank)  # bank stays float32
+
+
+def test_refuses_pickles_and_bad_configs(tmp_path, random_model):
+    folder = random_model.save_pretrained(tmp_path / "m")
+    torch.save(random_model.state_dict(), folder / "model.safetensors")
+    with pytest.raises(UnsafeWeightsError):
+        HidingNetwork.from_pretrained(folder)
+    folder = random_model.save_pretrained(tmp_path / "n")
+    data = json.loads((folder / "config.json").read_text())
+    data["__import__"] = "os"
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError):
+        HidingNetwork.from_pretrained(folder)

@@ -255,17 +255,16 @@ def format_for(path: str | os.PathLike) -> str:
 
 
 def strip_thumbnail(exif_bytes: bytes) -> bytes:
-    """EXIF without the embedded thumbnail (IFD1), which would still show the original face."""
+    """EXIF re-serialised without IFD1, the embedded thumbnail that would still show the original face.
+
+    Pillow writes IFD0 and its sub-IFDs (Exif, GPS, Interop) but never IFD1.
+    """
     exif = Image.Exif()
     exif.load(exif_bytes)
-    clean = Image.Exif()
-    for k, v in exif.items():
-        clean[k] = v
-    for ifd_tag in (0x8769, 0x8825, 0xA005):  # Exif, GPS, Interop sub-IFDs
-        sub = exif.get_ifd(ifd_tag)
-        if sub:
-            clean.get_ifd(ifd_tag).update(sub)
-    return clean.tobytes()
+    for tag in (0x8769, 0x8825, 0xA005):
+        if tag in exif:
+            exif[tag] = exif.get_ifd(tag)
+    return exif.tobytes()
 
 
 def encode(img: Image.Image, fmt: str, quality: int | None = None, lossless: bool = False, keep_metadata: bool = False) -> bytes:

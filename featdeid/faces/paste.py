@@ -88,3 +88,17 @@ def _peak(dtype: np.dtype) -> float:
     if dtype == np.uint16:
         return 65535.0
     return 1.0
+
+
+def face_region(m: np.ndarray, size: int, hw: tuple[int, int]) -> np.ndarray:
+    """Boolean ``(H, W)`` image mask of the pixels paste-back may write for a face (mask support)."""
+    h, w = hw
+    out = np.zeros((h, w), dtype=bool)
+    box = frame.frame_bbox(m, size, (h, w))
+    if box is None:
+        return out
+    x0, y0, x1, y1 = box
+    region_to_frame = frame.shift(m, x0, y0)
+    alpha = frame.warp(face_mask(size), frame.invert_affine(region_to_frame), (y1 - y0, x1 - x0), padding_mode="zeros")[0, 0]
+    out[y0:y1, x0:x1] = alpha.numpy() > 1e-4
+    return out

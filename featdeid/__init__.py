@@ -19,6 +19,7 @@ from .errors import (
 from .faces.detect import Face
 from .loading import load
 from .model import HidingNetwork
+from .identity import identity_feature
 from .pipeline import Deidentifier, Report, deidentify
 from .transforms import DeIdentify, transform, transform_for
 
@@ -38,6 +39,7 @@ __all__ = [
     "Report",
     "UnsafeWeightsError",
     "deidentify",
+    "identity_feature",
     "load",
     "transform",
     "transform_for",

@@ -36,3 +36,22 @@ def as_feature(identity: object, dim: int) -> torch.Tensor:
     if t.numel() != dim or not torch.isfinite(t).all() or t.norm() == 0:
         raise ConfigError(f"identity feature must be a finite non-zero vector of {dim} numbers, got {t.numel()}")
     return t / t.norm()
+
+
+def identity_feature(image: object, recogniser: object, detector: str = "auto", size: int = 256) -> torch.Tensor:
+    """Your own fake identity: the unit feature ``(D,)`` of the largest face in ``image``.
+
+    ``recogniser`` is a recogniser object or spec (see :func:`featdeid.recognisers.load_recogniser`);
+    use the one that built the model's identity bank (its config names it). Pass the result as
+    ``deidentify(..., identity=feature)``.
+    """
+    from .errors import InvalidImageError
+    from .faces.align import align
+    from .recognisers import load_recogniser
+
+    rec = load_recogniser(recogniser) if isinstance(recogniser, str) else recogniser
+    frames, faces = align(image, size=size, detector=detector, largest=True)
+    if not faces:
+        raise InvalidImageError("no face found in the identity image")
+    with torch.inference_mode():
+        return rec.embed(frames)[0].float()

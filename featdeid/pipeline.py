@@ -19,8 +19,8 @@ from PIL import Image
 from . import identity as ident
 from . import images
 from .errors import ConfigError, InvalidImageError
-from .faces import frame
-from .faces.detect import Detector, Face, detect_faces, faces_from_user
+from .faces.align import extract_faces, find_faces
+from .faces.detect import Detector, Face
 from .faces.paste import paste
 from .model import HidingNetwork
 
@@ -54,17 +54,6 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"faces": len(self.faces), "changed": self.changed, "skipped": self.skipped, "seed": self.seed, "details": [f.to_dict() for f in self.faces]}
-
-
-def _as_uint8(rgb: np.ndarray) -> np.ndarray:
-    if rgb.dtype == np.uint8:
-        return np.ascontiguousarray(rgb)
-    if rgb.dtype == np.uint16:
-        return np.ascontiguousarray((rgb >> 8).astype(np.uint8))
-    return np.ascontiguousarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
-
-
-_PEAK = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
 class Deidentifier:
@@ -155,9 +144,7 @@ class Deidentifier:
             seed = ident.content_seed(rgb)
         elif not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
-        rgb8 = _as_uint8(rgb)
-        found = detect_faces(rgb8, self.detector, self.detect_max_side) if faces is None else faces_from_user(faces, rgb8)
-        del rgb8
+        found = find_faces(rgb, self.detector, faces, self.detect_max_side)
         results = [FaceResult(f, "too_small" if f.size < self.min_face_size else "changed") for f in found]
         todo = [r for r in results if r.status == "changed"]
         if not todo:
@@ -170,19 +157,8 @@ class Deidentifier:
             for r in todo:
                 r.status = "unchanged"
             return None, Report(results, int(seed))
-        peak = _PEAK.get(rgb.dtype, 1.0)
-        mats, covers = [], []
-        for r in todo:
-            m = frame.alignment_matrix(r.face.landmarks, s)
-            box = frame.frame_bbox(m, s, rgb.shape[:2])
-            mats.append(m)
-            if box is None:
-                covers.append(torch.zeros(1, 3, s, s))
-                continue
-            x0, y0, x1, y1 = box
-            region = torch.from_numpy(np.ascontiguousarray(rgb[y0:y1, x0:x1]).astype(np.float32) / peak).permute(2, 0, 1)
-            covers.append(frame.extract(region, frame.shift(m, x0, y0), s))
-        residuals = self.hide(torch.cat(covers), feats)
+        covers, mats = extract_faces(rgb, [r.face for r in todo], s)
+        residuals = self.hide(covers, feats)
         touched = np.zeros(rgb.shape[:2], dtype=bool)
         for r, m, res in zip(todo, mats, residuals):
             done = paste(rgb, res[None], m, s, strength)

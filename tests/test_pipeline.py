@@ -145,3 +145,25 @@ def test_module_level_api(random_model, group_photos):
     img = Image.open(group_photos[1])
     out = featdeid.deidentify(img, model=random_model, detector="dlib", seed=2)
     assert isinstance(out, Image.Image) and out.size == img.size
+
+
+def test_identity_from_a_fake_face_image(runner, group_photos):
+    """A user's own identity image: its feature under the training recogniser (the assets' EN)."""
+    en = require_asset("weights", "faceplugin_fr_feature", "fr_feature.onnx")
+    fake = sorted(require_asset("faces", "gan_generatedphotos_2k", "images").rglob("*.jpg"))[0]
+    feat = featdeid.identity_feature(Image.open(fake), f"onnx:{en}", detector="dlib")
+    assert feat.shape == (512,) and abs(float(feat.norm()) - 1) < 1e-4
+    img = Image.open(group_photos[1])
+    out, rep = runner(img, identity=feat, return_report=True)
+    assert rep.changed == 2 and not np.array_equal(np.asarray(out), np.asarray(img))
+    with pytest.raises(featdeid.InvalidImageError):
+        featdeid.identity_feature(np.zeros((64, 64, 3), np.uint8), f"onnx:{en}", detector="dlib")
+
+
+def test_insightface_backend_fails_clearly_offline():
+    from featdeid.faces.detect import get_detector
+
+    with pytest.raises(featdeid.BackendUnavailableError, match="insightface"):
+        get_detector("insightface")
+    with pytest.raises(featdeid.ConfigError):
+        get_detector("nope")

@@ -123,9 +123,10 @@ def from_pil(img: Image.Image, keep_metadata: bool = False) -> Work:
     if mode == "P":
         work_img = img.convert("RGBA" if "transparency" in info else "RGB")
     elif mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr16 = np.asarray(img)
+        arr_i = np.asarray(img)
         work_img = None
-        base = np.clip(arr16, 0, 65535).astype(np.uint16)
+        eight_bit = mode == "I" and arr_i.size and int(arr_i.max()) <= 255  # "I" holding 8-bit values
+        base = np.clip(arr_i, 0, 255 if eight_bit else 65535).astype(np.uint8 if eight_bit else np.uint16)
     elif mode in _MODE_AS and _MODE_AS[mode] not in (None, "F"):
         work_img = img.convert(_MODE_AS[mode])
     elif mode == "F":
@@ -164,24 +165,20 @@ def from_pil(img: Image.Image, keep_metadata: bool = False) -> Work:
 
 
 def _back_to_mode(out: Image.Image, original: Image.Image, mode: str, touched: np.ndarray | None, orientation: int) -> Image.Image:
-    """Convert back to a lossy-to-convert mode, keeping untouched pixels exactly as they were."""
+    """Convert back to a mode that does not round-trip exactly (P, 1, CMYK, ...), changing only touched pixels."""
     if mode == "P":
-        back = out.quantize(palette=original.convert("P") if original.mode == "P" else original, dither=Image.Dither.NONE) if out.mode == "RGB" else out.convert("P")
-        if out.mode == "RGBA":
-            back = out.convert("RGB").quantize(palette=original, dither=Image.Dither.NONE)
-        orig_idx, new_idx = np.asarray(original).copy(), np.asarray(back)
+        back = out.convert("RGB").quantize(palette=original, dither=Image.Dither.NONE)
     else:
         back = out.convert(mode)
-        orig_idx, new_idx = np.asarray(original).copy(), np.asarray(back)
+    merged = np.asarray(original).copy()
     if touched is not None:
-        view = upright_view(orig_idx, orientation)
-        view[touched] = upright_view(new_idx, orientation)[touched]
-    result = Image.fromarray(orig_idx, mode if mode not in ("P", "1") else None)
+        upright_view(merged, orientation)[touched] = upright_view(np.asarray(back), orientation)[touched]
+    result = Image.fromarray(merged, mode) if mode not in ("P", "1") else Image.fromarray(merged)
     if mode == "P":
-        result = Image.fromarray(orig_idx, "P")
+        result = Image.fromarray(merged, "P")
         result.putpalette(original.getpalette())
     elif mode == "1":
-        result = Image.fromarray(orig_idx.astype(bool))
+        result = result.convert("1")
     return result
 
 

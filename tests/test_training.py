@@ -1,0 +1,401 @@
+"""training/: the paper's losses, data preparation, Accelerate training (2 processes, resume, export)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import REPO, require_asset
+from featdeid.errors import ConfigError
+from featdeid.model import HidingNetwork
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from training.augment import TransferConfig, en_view, gaussian_blur, jpeg_like  # noqa: E402
+from training.config import config_from_dict, expand_env, load_config  # noqa: E402
+from training.data import PairDataset, SourceSpec, prepare_images, split_indices  # noqa: E402
+from training.losses import (  # noqa: E402
+    LOSS_NAMES,
+    DeidLoss,
+    LossConfig,
+    build_lpips,
+    check_weights,
+    far_loss,
+    lpips_features,
+    lpips_from_features,
+    near_loss,
+    perceptual_loss,
+    reconstruction_loss,
+)
+from training.vgg import VGGFeatures  # noqa: E402
+
+TRAIN = REPO / "training" / "train.py"
+VGG16 = ("weights", "imagenet_vgg16", "vgg16_features_fp16.safetensors")
+LIN = ("weights", "imagenet_vgg16", "lpips_v0.1_vgg_lin.safetensors")
+EN = ("weights", "faceplugin_fr_feature", "fr_feature.onnx")
+COVERS = ("faces", "utkface_5k", "images")
+FAKES = ("faces", "gan_generatedphotos_2k", "images")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_config(**kw) -> LossConfig:
+    files = {
+        "perceptual_weights": str(require_asset(*VGG16)),
+        "lpips_backbone_weights": str(require_asset(*VGG16)),
+        "lpips_lin_weights": str(require_asset(*LIN)),
+    }
+    return LossConfig(**{**files, **kw})
+
+
+@pytest.fixture(scope="module")
+def lpips_model():
+    return build_lpips(require_asset(*VGG16), require_asset(*LIN))
+
+
+@pytest.fixture(scope="module")
+def faces64() -> torch.Tensor:
+    """Four real covers, aligned at 64 px: ``(4, 3, 64, 64)`` in [0, 1]."""
+    files = sorted(require_asset(*COVERS).iterdir())[:4]
+    return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((64, 64)))).permute(2, 0, 1) for f in files]).float() / 255
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_reconstruction_loss_known_values():
+    c = torch.zeros(2, 3, 8, 8)
+    d = torch.full((2, 3, 8, 8), 0.5)
+    d[1] = 0.25
+    assert torch.allclose(reconstruction_loss(c, c), torch.zeros(2))
+    assert torch.allclose(reconstruction_loss(c, d, "l2"), torch.tensor([0.25, 0.0625]))
+    assert torch.allclose(reconstruction_loss(c, d, "l1"), torch.tensor([0.5, 0.25]))
+
+
+def test_perceptual_loss_known_values_and_vgg_weights():
+    a = torch.zeros(1, 2, 2, 2)
+    b = torch.ones(1, 2, 2, 2) * 3
+    assert torch.allclose(perceptual_loss(a, b), torch.tensor([9.0]))
+    vgg = VGGFeatures("vgg16", require_asset(*VGG16))
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in vgg.parameters())
+    w = vgg.layers[0].weight[0, 0, 0]  # SOURCE.md fingerprint: features.0.weight[0] row 0
+    assert torch.allclose(w, torch.tensor([-0.5537, 0.1427, 0.5290]), atol=1e-3)
+    assert len(vgg.layers) == 30  # truncated after relu5_3
+    with pytest.raises(ConfigError, match="vgg16"):
+        VGGFeatures("vgg11", None)
+
+
+def test_lpips_from_local_files_matches_package_forward(lpips_model, faces64):
+    x, y = faces64[:2], faces64[2:]
+    ref = lpips_model(x, y, normalize=True).flatten()
+    ours = lpips_from_features(lpips_model, lpips_features(lpips_model, x), lpips_features(lpips_model, y))
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(lpips_model(x, x, normalize=True).flatten(), torch.zeros(2), atol=1e-6)
+    assert (ref > 0.05).all()
+    # SOURCE.md: torchmetrics doctest value for LPIPS-vgg on seeded random images
+    torch.manual_seed(123)
+    img1, img2 = torch.rand(10, 3, 100, 100) * 2 - 1, torch.rand(10, 3, 100, 100) * 2 - 1
+    assert lpips_model(img1, img2).mean().item() == pytest.approx(0.3493, abs=0.02)
+
+
+def test_near_and_far_losses_on_known_features():
+    e = F.normalize(torch.randn(3, 512), dim=1)
+    assert torch.allclose(near_loss(e, e), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(far_loss(e, e), torch.ones(3), atol=1e-6)
+    x = torch.zeros(2, 4)
+    x[:, 0] = 1
+    y = torch.zeros(2, 4)
+    y[0, 1] = 1
+    y[1, 0] = -1
+    assert torch.allclose(near_loss(x, y), torch.tensor([1.0, 2.0]))
+    assert torch.allclose(far_loss(x, y, "cos"), torch.tensor([0.0, -1.0]))
+    assert torch.allclose(far_loss(x, y, "relu"), torch.tensor([0.0, 0.0]))
+
+
+def test_total_loss_is_the_weighted_sum(faces64):
+    from featdeid.recognisers import load_recogniser
+
+    en = load_recogniser(f"onnx:{require_asset(*EN)}")
+    weights = {"rec": 1.0, "perc": 0.5, "lpips": 2.0, "near": 0.3, "far": 0.7}
+    loss = DeidLoss(_loss_config(weights=weights), en)
+    assert loss.shared_vgg
+    c, d = faces64[:2], faces64[2:].clone().requires_grad_(True)
+    fe = en.embed(faces64[[3, 2]])
+    out = loss(c, d, fe)
+    expect = sum(weights[k] * out[k] for k in LOSS_NAMES)
+    assert set(out) == {*LOSS_NAMES, "total"}
+    assert torch.allclose(out["total"], expect)
+    out["total"].mean().backward()
+    assert d.grad is not None and d.grad.abs().sum() > 0
+    same = loss(c, c, en.embed(c))
+    for k in ("rec", "perc", "lpips", "near"):
+        assert torch.allclose(same[k], torch.zeros(2), atol=1e-5), k
+    assert torch.allclose(same["far"], torch.ones(2), atol=1e-5)
+    vgg = require_asset(*VGG16)
+    separate = DeidLoss(_loss_config(weights=weights, perceptual_weights=f"{vgg.parent}/./{vgg.name}"), en)
+    assert not separate.shared_vgg
+    assert torch.allclose(separate(c, d.detach(), fe)["perc"], out["perc"].detach(), atol=1e-4)
+
+
+def test_unknown_loss_weight_name_lists_valid_names():
+    with pytest.raises(ConfigError, match="rec, perc, lpips, near, far") as e:
+        check_weights({"rec": 1.0, "lambda_near": 0.3})
+    assert "lambda_near" in str(e.value)
+    with pytest.raises(ConfigError):
+        check_weights({"rec": -1})
+    with pytest.raises(ConfigError, match="rec_norm"):
+        LossConfig(rec_norm="l3")
+
+
+# ---------------------------------------------------------------- config and augmentation
+
+
+def test_env_expansion_and_config_errors(monkeypatch):
+    monkeypatch.setenv("FT_A", "/x")
+    monkeypatch.delenv("FT_B", raising=False)
+    assert expand_env({"p": ["${FT_A}/y", "${FT_B:-${FT_A}/z}"]}) == {"p": ["/x/y", "/x/z"]}
+    with pytest.raises(ConfigError, match="FT_B"):
+        expand_env("${FT_B}")
+    base = {"name": "t", "recogniser": "onnx:/a/b/en.onnx", "data": {"cover": "/c", "embed_mode": "noise"}}
+    cfg = config_from_dict(base)
+    assert cfg.exported_recogniser() == "onnx:b/en.onnx" and cfg.optim.lr == 1e-5
+    with pytest.raises(ConfigError, match="unknown key"):
+        config_from_dict({**base, "optim": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match="valid names"):
+        config_from_dict({**base, "losses": {"weights": {"nearr": 1}}})
+
+
+def test_experiment_configs_load_and_use_allowed_data():
+    configs = sorted((REPO / "training" / "configs").glob("*.yaml"))
+    names = {p.stem for p in configs}
+    assert {"table2_a_near", "table2_b_far", "table2_c_nearfar", "table3_face", "table3_noise", "table3_object",
+            "table5_real", "table5_fake", "table6", "small_cpu"} <= names
+    expected = {"table2_a_near": (0.30, 0), "table2_b_far": (0, 0.30), "table2_c_nearfar": (0.14, 0.14),
+                "table3_face": (0.30, 0), "table3_noise": (0.26, 0), "table3_object": (0.30, 0),
+                "table5_real": (0.14, 0.14), "table5_fake": (0.125, 0.125), "table6": (0.125, 0.125)}
+    for path in configs:
+        text = path.read_text()
+        for banned in ("lfw_pairs150", "celeba_wild_id50", "bbt40"):
+            assert banned not in text, (path, banned)
+        cfg = load_config(path)
+        w = cfg.losses.weights
+        assert (w["rec"], w["perc"], w["lpips"]) == (1.0, 1.0, 1.0)
+        if path.stem in expected:
+            assert (w["near"], w["far"]) == expected[path.stem]
+            assert cfg.model.image_size == 256 and cfg.optim.epochs == 150 and cfg.optim.lr == 1e-5
+        assert "/" not in cfg.exported_recogniser().split(":", 1)[1].rsplit("/", 1)[0]
+    small = load_config(REPO / "training" / "configs" / "small_cpu.yaml")
+    assert small.model.image_size == 128
+    assert Path(small.data.cover.path) == require_asset(*COVERS)
+    assert Path(small.data.embed.path) == require_asset(*FAKES)
+
+
+def test_transfer_views_keep_shape_and_gradients(faces64):
+    gen = torch.Generator().manual_seed(0)
+    x = faces64.clone().requires_grad_(True)
+    cfg = TransferConfig(crop_jitter=True, blur=True, blur_p=1.0, jpeg=True, jpeg_p=1.0)
+    y = en_view(x, cfg, gen)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    assert torch.allclose(gaussian_blur(flat, 1.0), flat, atol=1e-6)
+    q95 = (jpeg_like(faces64, torch.full((4,), 95.0)) - faces64).abs().mean()
+    q10 = (jpeg_like(faces64, torch.full((4,), 10.0)) - faces64).abs().mean()
+    assert 0 < q95 < 0.01 < q10 < 0.08, (q95, q10)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="data folder not found"):
+        prepare_images(SourceSpec(str(tmp_path / "nope")), 64, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_unreadable_and_non_image_files_are_reported_as_skipped(tmp_path):
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    faces = sorted(require_asset(*COVERS).iterdir())[:3]
+    for i, f in enumerate(faces):
+        shutil.copy(f, (src / "sub" if i else src) / f.name)
+    (src / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (src / "truncated.png").write_bytes(Path(faces[0]).read_bytes()[:200])
+    (src / "notes.txt").write_text("hello")
+    Image.new("RGB", (120, 120), (128, 128, 128)).save(src / "blank.png")
+    out = prepare_images(SourceSpec(str(src)), 64, cache_dir=tmp_path / "cache", progress=False)
+    r = out.report
+    assert (r.total, r.used, len(out)) == (7, 3, 3)
+    assert sorted(r.skipped["unreadable"]) == ["broken.jpg", "truncated.png"]
+    assert r.skipped["not_image"] == ["notes.txt"] and r.skipped["no_face"] == ["blank.png"]
+    assert "3 of 7 images used" in r.summary()
+    assert out.images.dtype == np.uint8 and out.get(0).shape == (64, 64, 3)
+    again = prepare_images(SourceSpec(str(src)), 64, cache_dir=tmp_path / "cache", progress=False)
+    assert again.keys == out.keys and len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.jpg").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="no usable images"):
+        prepare_images(SourceSpec(str(only_bad)), 64, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_hf_imagefolder_source_and_object_mode(tmp_path):
+    src = tmp_path / "hf"
+    src.mkdir()
+    for f in sorted(require_asset(*FAKES).rglob("*.jpg"))[:3]:
+        shutil.copy(f, src / f.name)
+    hf = prepare_images(SourceSpec(str(src), kind="hf_imagefolder"), 64, cache_dir=tmp_path / "c", progress=False)
+    folder = prepare_images(SourceSpec(str(src)), 64, cache_dir=tmp_path / "c", progress=False)
+    assert len(hf) == len(folder) == 3
+    obj = prepare_images(SourceSpec(str(src)), 64, mode="object", cache_dir=tmp_path / "c", progress=False)
+    assert obj.report.used == 3 and not obj.report.skipped
+
+
+def test_pair_dataset_is_a_function_of_seed_epoch_index(tmp_path):
+    covers = prepare_images(SourceSpec(str(require_asset(*COVERS)), limit=6), 64, cache_dir=tmp_path, progress=False)
+    tr, va = split_indices(len(covers), 0.34, 0)
+    assert len(va) == 2 and len(tr) == 4 and not set(tr) & set(va)
+    ds = PairDataset(covers, tr, None, None, "noise", 64, seed=3, flip=True)
+    a = ds[1]
+    assert a["embed"].shape == (3, 64, 64) and abs(float(a["embed"].std()) - 1) < 0.1
+    assert torch.equal(ds[1]["embed"], a["embed"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["embed"], a["embed"])
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def _tiny_config(tmp: Path, cache: Path, covers: int = 24, val: float = 0.2, near: float = 0.125, far: float = 0.125,
+                 lr: float = 1e-3, precision: str = "no") -> Path:
+    cfg = {
+        "name": "tiny",
+        "model": {"preset": "small_cpu", "image_size": 64, "base_channels": 8, "channel_mults": [1, 2, 4]},
+        "recogniser": f"onnx:{require_asset(*EN)}",
+        "data": {
+            "cover": {"path": str(require_asset(*COVERS)), "limit": covers},
+            "embed": {"path": str(require_asset(*FAKES)), "limit": 12},
+            "val_fraction": val,
+            "embed_val_fraction": 0.25,
+            "cache_dir": str(cache),
+        },
+        "losses": {
+            "weights": {"rec": 1.0, "perc": 1.0, "lpips": 1.0, "near": near, "far": far},
+            "perceptual_weights": str(require_asset(*VGG16)),
+            "lpips_backbone_weights": str(require_asset(*VGG16)),
+            "lpips_lin_weights": str(require_asset(*LIN)),
+        },
+        "optim": {"lr": lr, "batch_size": 4, "epochs": 50},
+        "run": {"output": str(tmp / "run"), "mixed_precision": precision, "checkpoint_every": 2, "log_every": 1},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def _run(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _train_rows(run: Path) -> list[dict[str, str]]:
+    with (run / "log.csv").open() as f:
+        return [r for r in csv.DictReader(f) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("aligned")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, cache_dir) -> Path:
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = _tiny_config(tmp, cache_dir, precision="bf16")
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+          str(TRAIN), "--config", str(cfg), "--max-steps", "3", "--output", str(tmp / "run")], timeout=300)
+    return tmp / "run"
+
+
+def test_two_processes_end_with_identical_weights(two_process_run):
+    hashes = [(two_process_run / f"state_sha256_rank{r}.txt").read_text().strip() for r in (0, 1)]
+    assert len(hashes[0]) == 64 and hashes[0] == hashes[1]
+    rows = _train_rows(two_process_run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(float(r["total"])) for r in rows)
+    report = json.loads((two_process_run / "data_report.json").read_text())
+    assert report[0]["used"] == 24
+
+
+def test_exported_model_loads_and_runs(two_process_run):
+    folder = two_process_run / "model"
+    model = HidingNetwork.from_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["recogniser"] == "onnx:faceplugin_fr_feature/fr_feature.onnx"
+    assert model.identity_bank.shape == (9, 512)  # 12 fake faces, 25% held out
+    assert torch.allclose(model.identity_bank.norm(dim=1), torch.ones(9), atol=1e-4)
+    assert (folder / "README.md").is_file()
+    cover = torch.rand(2, 3, 64, 64)
+    out = model(cover, model.identity_bank[:2])
+    assert out.shape == cover.shape and torch.isfinite(out).all()
+    import featdeid
+
+    if hasattr(featdeid, "load"):
+        loaded = featdeid.load(folder)
+        net = loaded if isinstance(loaded, HidingNetwork) else getattr(loaded, "model", loaded)
+        assert torch.equal(net.identity_bank, model.identity_bank)
+
+
+def test_loss_falls_when_overfitting_8_images(tmp_path, cache_dir):
+    cfg = _tiny_config(tmp_path, cache_dir, covers=8, val=0.0, near=1.0, far=1.0, lr=1e-3)
+    _run([sys.executable, str(TRAIN), "--config", str(cfg), "--max-steps", "30", "--set", "run.checkpoint_every=100"])
+    rows = _train_rows(tmp_path / "run")
+    losses = [float(r["total"]) for r in rows]
+    assert len(losses) == 30
+    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
+    assert last < 0.85 * first, (first, last)
+    assert np.mean([float(r["far"]) for r in rows[-6:]]) < 0.8  # D moved away from C in EN's feature space
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
+    cfg = _tiny_config(tmp_path, cache_dir)
+    _run([sys.executable, str(TRAIN), "--config", str(cfg), "--max-steps", "6", "--output", str(tmp_path / "full")])
+    _run([sys.executable, str(TRAIN), "--config", str(cfg), "--max-steps", "3", "--output", str(tmp_path / "split")])
+    proc = _run([sys.executable, str(TRAIN), "--config", str(cfg), "--max-steps", "6", "--output", str(tmp_path / "split"),
+                 "--resume", str(tmp_path / "split")])
+    assert "resumed from" in proc.stdout + proc.stderr
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "checkpoints" / "step_000000006" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoints" / "step_000000006" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    steps = [int(r["step"]) for r in _train_rows(tmp_path / "split")]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,120 @@
+"""Export a trained hiding network as a featdeid model folder.
+
+    python training/export.py --config training/configs/small_cpu.yaml --weights RUN/best --output MODEL_DIR
+
+The folder holds ``config.json`` (with ``recogniser`` set to the EN name, no machine paths),
+``model.safetensors`` (network + identity bank: EN features ``(N, D)`` of the training-split E
+images, i.e. the fake faces) and a model card stub ``README.md``. It loads with
+``featdeid.load(path)`` / ``HidingNetwork.from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from featdeid.model import HidingNetwork
+from training.data import to_tensor
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+    from training.experiment import ExperimentData
+
+
+def identity_bank(recogniser: torch.nn.Module, data: ExperimentData, cfg: TrainConfig, batch: int = 64,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """EN features ``(N, D)`` float32 of the training-split E images (noise mode: seeded noise images)."""
+    feats = []
+    if data.embeds is None or data.embed_train is None:
+        n, s = 1024, cfg.model.image_size
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        chunks = [torch.randn(min(batch, n - i), 3, s, s, generator=gen) for i in range(0, n, batch)]
+    else:
+        idx = np.asarray(data.embed_train)
+        chunks = [torch.stack([to_tensor(data.embeds.get(int(j))) for j in idx[i : i + batch]]) for i in range(0, len(idx), batch)]
+    with torch.no_grad():
+        for x in chunks:
+            feats.append(recogniser.embed(x.to(device)).float().cpu())
+    return torch.cat(feats)
+
+
+def model_card(cfg: TrainConfig, info: dict[str, Any], n_bank: int) -> str:
+    """A model card stub: what was trained on what, with which losses."""
+    w = cfg.losses.weights
+    d = cfg.data
+    embed = Path(d.embed.path).name if d.embed is not None else "standard-normal noise"
+    return f"""---
+library_name: featdeid
+tags: [face-de-identification, privacy]
+---
+# featdeid model: {cfg.name}
+
+Hiding network of Hanawa, Ito & Aoki, "Face image de-identification based on feature embedding"
+(EURASIP JIVP 2024), trained with featdeid's `training/` code.
+
+- Architecture: {json.dumps(cfg.model.to_dict())}
+- EN (extracting network): `{cfg.exported_recogniser()}`; the identity bank holds {n_bank} EN features of the
+  training-split embedding images (`{embed}`, mode `{d.embed_mode}`).
+- Covers: `{Path(d.cover.path).name}`; validation fraction {d.val_fraction}, split seed {d.split_seed}.
+- Losses: rec {w['rec']} ({cfg.losses.rec_norm}), perc {w['perc']} ({cfg.losses.perceptual_backbone}), lpips {w['lpips']} (VGG-16),
+  near {w['near']}, far {w['far']} ({cfg.losses.far_mode}).
+- Optimiser: Adam lr {cfg.optim.lr}, batch {cfg.optim.batch_size} per process, up to {cfg.optim.epochs} epochs,
+  mixed precision {cfg.run.mixed_precision}.
+- Selected checkpoint: {json.dumps(info)}
+
+## Limitations and terms
+The training photos come with research-only terms; check them before using or redistributing these
+weights. Measured de-identification and image-quality numbers: not yet filled in (run `featdeid eval`).
+"""
+
+
+def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, recogniser: torch.nn.Module | None = None,
+                 data: ExperimentData | None = None, device: torch.device | str = "cpu") -> Path:
+    """Write the model folder from trained weights (a folder saved by ``save_pretrained``)."""
+    from training.experiment import build_data, build_recogniser
+
+    weights, output = Path(weights), Path(output)
+    net = HidingNetwork.from_pretrained(weights)
+    recogniser = recogniser if recogniser is not None else build_recogniser(cfg).to(device)
+    data = data if data is not None else build_data(cfg, progress=False)
+    bank = identity_bank(recogniser, data, cfg, device=device)
+    config = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser())
+    model = HidingNetwork(config, identity_bank=bank)
+    state = {**net.state_dict(), "identity_bank": bank}
+    model.load_state_dict(state, strict=True)
+    info_path = weights / "best.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    model.save_pretrained(output, card=model_card(cfg, info, int(bank.shape[0])))
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    from featdeid.errors import ConfigError
+    from training.config import load_config
+
+    p = argparse.ArgumentParser(description="Export trained weights as a featdeid model folder.")
+    p.add_argument("--config", required=True, help="the experiment YAML the weights were trained with")
+    p.add_argument("--weights", required=True, help="folder with config.json + model.safetensors (e.g. RUN/best)")
+    p.add_argument("--output", required=True, help="model folder to write")
+    args = p.parse_args(argv)
+    try:
+        out = export_model(args.weights, load_config(args.config), args.output)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

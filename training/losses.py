@@ -1,0 +1,227 @@
+"""The paper's five training losses (section 3.2) and their weighted total.
+
+Every loss returns one value per sample, shape ``(B,)``, so validation can gather per-sample
+values across processes; training takes the batch mean.
+
+- ``rec``   reconstruction: pixel difference of C and D. The paper's formula was lost in our copy
+  of the text; we use the mean squared error (``rec_norm: l2``, default) or the mean absolute error
+  (``rec_norm: l1``).
+- ``perc``  perceptual (Johnson et al.): mean squared difference of the final conv-layer features
+  (after its ReLU) of an ImageNet VGG. The paper uses VGG-19; only VGG-16 weights exist offline, so
+  VGG-16 (relu5_3) stands in by default (``perceptual_backbone: vgg19`` restores the paper's).
+- ``lpips`` LPIPS with the VGG-16 backbone and the official v0.1 linear heads (the ``lpips``
+  package's ``LPIPS`` class, weights loaded from explicit files, so nothing is downloaded).
+- ``near``  ``1 - cos(f(E), f(D))``.
+- ``far``   ``cos(f(C), f(D))`` (``far_mode: cos``, default: the paper's "decrease the cosine
+  similarity") or ``max(cos(f(C), f(D)), 0)`` (``far_mode: relu``: stop once D is orthogonal to C).
+
+When the perceptual backbone is VGG-16 with the same weights as LPIPS, one VGG pass serves both:
+LPIPS's input scaling on [-1, 1] is exactly torchvision's ImageNet normalisation on [0, 1], and its
+relu5_3 output is the perceptual feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featdeid.errors import ConfigError
+from featdeid.weights import load_safetensors
+
+from .vgg import VGGFeatures, load_vgg_state
+
+LOSS_NAMES: tuple[str, ...] = ("rec", "perc", "lpips", "near", "far")
+_LPIPS_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
+
+
+def check_weights(weights: Mapping[str, Any]) -> dict[str, float]:
+    """Validate loss weights: names must be in :data:`LOSS_NAMES`; missing names weigh 0."""
+    if not isinstance(weights, Mapping):
+        raise ConfigError(f"loss weights must be a mapping of {', '.join(LOSS_NAMES)} to numbers")
+    unknown = sorted(set(weights) - set(LOSS_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown loss weight(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(LOSS_NAMES)}")
+    out = {}
+    for name in LOSS_NAMES:
+        value = weights.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"loss weight {name!r} must be a number >= 0, got {value!r}")
+        out[name] = float(value)
+    if not any(out.values()):
+        raise ConfigError("all loss weights are 0: nothing to train")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (the paper's five lambdas) and how each loss is computed."""
+
+    weights: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"rec": 1.0, "perc": 1.0, "lpips": 1.0, "near": 0.125, "far": 0.125}
+    )
+    rec_norm: str = "l2"
+    far_mode: str = "cos"
+    perceptual_backbone: str = "vgg16"
+    perceptual_weights: str | None = None
+    lpips_backbone_weights: str | None = None
+    lpips_lin_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", check_weights(self.weights))
+        if self.rec_norm not in ("l1", "l2"):
+            raise ConfigError(f"rec_norm must be 'l1' or 'l2', got {self.rec_norm!r}")
+        if self.far_mode not in ("cos", "relu"):
+            raise ConfigError(f"far_mode must be 'cos' or 'relu', got {self.far_mode!r}")
+        if (self.lpips_backbone_weights is None) != (self.lpips_lin_weights is None):
+            raise ConfigError("give both lpips_backbone_weights and lpips_lin_weights, or neither (download)")
+
+
+def reconstruction_loss(cover: torch.Tensor, deid: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """Per-sample pixel loss of ``(B, 3, S, S)`` images: mean squared (``l2``) or absolute (``l1``) error."""
+    diff = deid.float() - cover.float()
+    per_pixel = diff.square() if norm == "l2" else diff.abs()
+    return per_pixel.flatten(1).mean(1)
+
+
+def perceptual_loss(cover_feat: torch.Tensor, deid_feat: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared difference of VGG feature maps ``(B, C, h, w)``."""
+    return (deid_feat.float() - cover_feat.float()).square().flatten(1).mean(1)
+
+
+def near_loss(embed_feat: torch.Tensor, deid_feat: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(f(E), f(D))`` per sample; features ``(B, D)``."""
+    return 1.0 - F.cosine_similarity(embed_feat.float(), deid_feat.float(), dim=1)
+
+
+def far_loss(cover_feat: torch.Tensor, deid_feat: torch.Tensor, mode: str = "cos") -> torch.Tensor:
+    """``cos(f(C), f(D))`` (``mode='cos'``) or ``max(cos, 0)`` (``mode='relu'``) per sample."""
+    cos = F.cosine_similarity(cover_feat.float(), deid_feat.float(), dim=1)
+    return cos.clamp_min(0.0) if mode == "relu" else cos
+
+
+def build_lpips(backbone_weights: str | Path | None = None, lin_weights: str | Path | None = None) -> nn.Module:
+    """A frozen ``lpips.LPIPS(net='vgg')``.
+
+    With both files given (the assets' ``vgg16_features*.safetensors`` and
+    ``lpips_v0.1_vgg_lin.safetensors``) nothing is downloaded: the network is built with random
+    weights (``pnet_rand=True``) and the state dicts are loaded. With neither, the ``lpips`` package
+    loads its own heads and torchvision downloads the backbone (users' machines).
+    """
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if backbone_weights is None and lin_weights is None:
+            model = lpips.LPIPS(net="vgg", verbose=False)
+        else:
+            model = lpips.LPIPS(pretrained=False, net="vgg", pnet_rand=True, verbose=False)
+            state = dict(model.state_dict())
+            for key, value in load_vgg_state("vgg16", backbone_weights).items():
+                _, idx, leaf = key.split(".")
+                k = next(n for n, (lo, hi) in enumerate(_LPIPS_SLICES, 1) if lo <= int(idx) < hi)
+                state[f"net.slice{k}.{idx}.{leaf}"] = value
+            lin_path = Path(lin_weights)  # type: ignore[arg-type]
+            if not lin_path.is_file():
+                raise ConfigError(f"LPIPS head weights not found: {lin_path}")
+            for key, value in load_safetensors(lin_path).items():
+                state[key] = value.float()
+            model.load_state_dict(state, strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def lpips_from_features(model: nn.Module, feats0: list[torch.Tensor], feats1: list[torch.Tensor]) -> torch.Tensor:
+    """LPIPS per sample ``(B,)`` from the five VGG relu outputs of both images (as ``LPIPS.forward``)."""
+    import lpips
+
+    total = 0.0
+    for k, (a, b) in enumerate(zip(feats0, feats1)):
+        diff = (lpips.normalize_tensor(a.float()) - lpips.normalize_tensor(b.float())).square()
+        total = total + lpips.spatial_average(model.lins[k](diff), keepdim=False)
+    return total.flatten()
+
+
+def lpips_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The five VGG-16 relu outputs LPIPS compares, for images ``(B, 3, H, W)`` in [0, 1]."""
+    return list(model.net(model.scaling_layer(images * 2.0 - 1.0)))
+
+
+class DeidLoss(nn.Module):
+    """The weighted total ``sum(lambda_k * L_k)`` over ``rec, perc, lpips, near, far``.
+
+    ``recogniser`` is the frozen EN (``embed(frames) -> (B, D)``, differentiable); ``en_view`` is an
+    optional differentiable transform applied to D before EN (transfer augmentation).
+    """
+
+    def __init__(self, config: LossConfig, recogniser: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.weights = dict(config.weights)
+        w = self.weights
+        self.recogniser = recogniser
+        if (w["near"] or w["far"]) and recogniser is None:
+            raise ConfigError("near/far losses need a recogniser (EN)")
+        self.lpips = build_lpips(config.lpips_backbone_weights, config.lpips_lin_weights)
+        self.shared_vgg = config.perceptual_backbone == "vgg16" and config.perceptual_weights == config.lpips_backbone_weights
+        self.vgg = None if self.shared_vgg else VGGFeatures(config.perceptual_backbone, config.perceptual_weights)
+
+    def train(self, mode: bool = True) -> DeidLoss:
+        """The loss networks stay in eval mode."""
+        return super().train(False)
+
+    def forward(
+        self,
+        cover: torch.Tensor,
+        deid: torch.Tensor,
+        embed_feat: torch.Tensor,
+        en_view: Any = None,
+        terms: tuple[str, ...] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample losses.
+
+        Args:
+            cover: C ``(B, 3, S, S)`` in [0, 1].
+            deid: D ``(B, 3, S, S)``.
+            embed_feat: ``f(E)`` ``(B, D)``.
+            en_view: callable ``(B, 3, S, S) -> (B, 3, S, S)`` applied to D before EN, or None.
+            terms: which losses to compute (default: those with a non-zero weight).
+        Returns:
+            ``{name: (B,)}`` for the computed terms, plus ``"total"`` (weighted sum over them).
+        """
+        terms = tuple(n for n in LOSS_NAMES if self.weights[n] > 0) if terms is None else terms
+        out: dict[str, torch.Tensor] = {}
+        if "rec" in terms:
+            out["rec"] = reconstruction_loss(cover, deid, self.config.rec_norm)
+        if "perc" in terms or "lpips" in terms:
+            with torch.no_grad():
+                fc = lpips_features(self.lpips, cover) if ("lpips" in terms or self.shared_vgg) else []
+            fd = lpips_features(self.lpips, deid) if ("lpips" in terms or self.shared_vgg) else []
+            if "lpips" in terms:
+                out["lpips"] = lpips_from_features(self.lpips, fc, fd)
+            if "perc" in terms:
+                if self.shared_vgg:
+                    out["perc"] = perceptual_loss(fc[-1], fd[-1])
+                else:
+                    assert self.vgg is not None
+                    with torch.no_grad():
+                        vc = self.vgg(cover)
+                    out["perc"] = perceptual_loss(vc, self.vgg(deid))
+        if "near" in terms or "far" in terms:
+            assert self.recogniser is not None
+            f_d = self.recogniser.embed(en_view(deid) if en_view is not None else deid)
+            if "near" in terms:
+                out["near"] = near_loss(embed_feat, f_d)
+            if "far" in terms:
+                with torch.no_grad():
+                    f_c = self.recogniser.embed(cover)
+                out["far"] = far_loss(f_c, f_d, self.config.far_mode)
+        out["total"] = sum(self.weights[n] * out[n] for n in LOSS_NAMES if n in out)
+        return out

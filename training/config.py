@@ -106,7 +106,7 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision not in MIXED_PRECISION:  # "fp32" and YAML's false are read as "no"
             raise ConfigError(f"run.mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             raise ConfigError("run: checkpoint_every, keep_checkpoints and log_every must be >= 1")
@@ -175,6 +175,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def _build(cls: Any, data: Any, where: str) -> Any:
     if isinstance(data, str) and cls is SourceSpec:
         data = {"path": data}
+    if cls is RunConfig and isinstance(data, dict) and data.get("mixed_precision") in (False, "fp32"):
+        data = {**data, "mixed_precision": "no"}  # YAML reads a bare `no` as false
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)

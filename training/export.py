@@ -48,11 +48,17 @@ def identity_bank(recogniser: torch.nn.Module, data: ExperimentData, cfg: TrainC
     return torch.cat(feats)
 
 
+def _short(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
 def model_card(cfg: TrainConfig, info: dict[str, Any], n_bank: int) -> str:
     """A model card stub: what was trained on what, with which losses."""
     w = cfg.losses.weights
     d = cfg.data
-    embed = Path(d.embed.path).name if d.embed is not None else "standard-normal noise"
+    embed = _short(d.embed.path) if d.embed is not None else "standard-normal noise"
+    arch = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser()).to_dict()
     return f"""---
 library_name: featdeid
 tags: [face-de-identification, privacy]
@@ -62,10 +68,10 @@ tags: [face-de-identification, privacy]
 Hiding network of Hanawa, Ito & Aoki, "Face image de-identification based on feature embedding"
 (EURASIP JIVP 2024), trained with featdeid's `training/` code.
 
-- Architecture: {json.dumps(cfg.model.to_dict())}
+- Architecture: {json.dumps(arch)}
 - EN (extracting network): `{cfg.exported_recogniser()}`; the identity bank holds {n_bank} EN features of the
   training-split embedding images (`{embed}`, mode `{d.embed_mode}`).
-- Covers: `{Path(d.cover.path).name}`; validation fraction {d.val_fraction}, split seed {d.split_seed}.
+- Covers: `{_short(d.cover.path)}`; validation fraction {d.val_fraction}, split seed {d.split_seed}.
 - Losses: rec {w['rec']} ({cfg.losses.rec_norm}), perc {w['perc']} ({cfg.losses.perceptual_backbone}), lpips {w['lpips']} (VGG-16),
   near {w['near']}, far {w['far']} ({cfg.losses.far_mode}).
 - Optimiser: Adam lr {cfg.optim.lr}, batch {cfg.optim.batch_size} per process, up to {cfg.optim.epochs} epochs,

@@ -35,7 +35,7 @@ from featdeid.model import HidingNetwork
 from training.augment import en_view
 from training.config import TrainConfig, config_to_dict, load_config
 from training.data import EpochShuffleSampler
-from training.experiment import ExperimentData, build_data, build_loss, build_recogniser
+from training.experiment import build_data, build_loss, build_recogniser
 from training.export import export_model
 from training.losses import LOSS_NAMES
 
@@ -219,7 +219,6 @@ def train(
     t_log = time.perf_counter()
     images_since = 0
     stopped = False
-    epoch_means: dict[str, float] = {}
     for epoch in range(progress.epoch, cfg.optim.epochs):
         train_dl.set_epoch(epoch)
         data.train.set_epoch(epoch)

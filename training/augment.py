@@ -43,6 +43,7 @@ class TransferConfig:
     jpeg: bool = False
     jpeg_p: float = 0.5
     jpeg_quality: tuple[int, int] = (30, 90)
+    paste_mask: bool = False  # train on C + mask * (D - C), exactly what paste-back produces
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))

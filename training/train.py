@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from featdeid.errors import ConfigError
+from featdeid.faces.paste import apply_mask
 from featdeid.model import HidingNetwork
 from training.augment import en_view
 from training.config import TrainConfig, config_to_dict, load_config
@@ -89,6 +90,11 @@ class MetricLog:
                     self.writer.add_scalar(f"{row['split']}/{k}", row[k], row["step"])
             self.writer.flush()
 
+
+
+def _masked(cfg: TrainConfig, cover: torch.Tensor, deid: torch.Tensor) -> torch.Tensor:
+    """D as the user will get it: with ``transfer.paste_mask`` only the feathered face region changes."""
+    return apply_mask(cover, deid) if cfg.transfer.paste_mask else deid
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -197,7 +203,7 @@ def train(
                 cover, embed = _cover_embed(batch)
                 fe = en.embed(embed)
                 with acc.autocast():
-                    deid = net(cover, fe)
+                    deid = _masked(cfg, cover, net(cover, fe))
                     losses = loss_fn(cover, deid, fe, terms=LOSS_NAMES)
                 gathered = acc.gather_for_metrics({k: v.float() for k, v in losses.items()})
                 for k, v in gathered.items():
@@ -233,7 +239,7 @@ def train(
             gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + progress.global_step * 131 + acc.process_index)
             view = (lambda x: en_view(x, cfg.transfer, gen)) if cfg.transfer.enabled else None
             with acc.autocast():
-                deid = model(cover, fe)
+                deid = _masked(cfg, cover, model(cover, fe))
                 losses = loss_fn(cover, deid, fe, en_view=view)
                 total = losses["total"].mean()
             acc.backward(total)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import sys
 from pathlib import Path
@@ -24,21 +23,18 @@ from featdeid.errors import (
 from featdeid.faces import frame
 from featdeid.recognisers import Recogniser, TorchRecogniser, load_recogniser
 
+from conftest import assets_root, require_asset
+
 S = 256
-ASSETS = Path(os.environ.get("FEATDEID_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
+ASSETS = assets_root()
 EN_ONNX = ASSETS / "weights" / "faceplugin_fr_feature" / "fr_feature.onnx"
 MFN_CKPT = ASSETS / "weights" / "xiaoccer_mobilefacenet" / "068.ckpt"
 BBT40 = ASSETS / "faces" / "bbt40" / "images"
 
 
 def asset(path: Path) -> Path:
-    """``path`` if it exists; otherwise fail in CI, skip elsewhere."""
-    if not path.exists():
-        message = f"asset missing: {path} (set FEATDEID_ASSETS)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    """``path`` if it exists; otherwise fail in CI, skip elsewhere (see conftest.require_asset)."""
+    return require_asset(*path.relative_to(ASSETS).parts)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,16 @@
 """``featdeid bench``: speed of the hiding network and of the full photo pipeline on this machine.
 
     featdeid bench [--configs small,paper] [--batch-sizes 1,8,32] [--photos IMG ...] [--json OUT]
+    featdeid bench --faces 32 [--adv 8x50] [--assets DIR]      # datasets.map and adversarial baseline
 
 Random weights are fine for timing the network; full-photo timing uses ``--model`` (default: the
 shipped model, else a random small model) and the dlib detector.
+
+``--faces N`` takes N LFW images from the assets and times (1) ``datasets.Dataset.map(batched=True)``
+through ``featdeid.transform_for("image", ...)`` (detect, align, hide, paste back), (2) the hiding
+network alone on the same faces aligned into canonical frames, and (3) the MIM adversarial baseline
+of the evaluation harness (``--adv EPSxSTEPS`` against ``--adv-target``, default the assets' EN) on the
+same frames, with the speed ratio featdeid / adversarial.
 """
 
 from __future__ import annotations
@@ -74,6 +81,64 @@ def bench_photos(photos: list[Path], model: Any, min_time: float) -> list[dict[s
     return rows
 
 
+def _lfw_images(assets: Path, n: int) -> list[Path]:
+    root = assets / "faces" / "lfw_pairs150" / "images"
+    files = sorted(root.rglob("*.jpg"))
+    if not files:
+        raise SystemExit(f"featdeid bench: no LFW images under {root}; pass --assets")
+    step = max(1, len(files) // n)
+    return files[::step][:n]
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_faces(paths: list[Path], model: Any, adv: str, adv_target: str, map_batch: int, min_time: float) -> dict[str, Any]:
+    """``datasets.map`` through ``transform_for``, the network on aligned frames and the adversarial baseline."""
+    from PIL import Image
+
+    from .evaluation.baselines import parse_method
+    from .faces.align import align
+    from .pipeline import Deidentifier
+    from .recognisers import load_recogniser
+    from .transforms import transform_for
+
+    out: dict[str, Any] = {"faces": len(paths), "threads": torch.get_num_threads(), "dtype": "float32"}
+    images = [Image.open(p).convert("RGB") for p in paths]
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    runner = Deidentifier(model, detector="dlib")
+    if datasets is not None:
+        ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+        fn = transform_for("image", model=runner, seed=0)
+        ds.map(fn, batched=True, batch_size=map_batch, load_from_cache_file=False, keep_in_memory=True)  # warm-up
+        t0 = time.perf_counter()
+        mapped = ds.map(fn, batched=True, batch_size=map_batch, load_from_cache_file=False, keep_in_memory=True)
+        sec = time.perf_counter() - t0
+        out["datasets_map"] = {"images_per_s": round(len(ds) / sec, 2), "s": round(sec, 2), "batch_size": map_batch, "faces_changed": int(sum(mapped["num_faces"]))}
+    else:
+        out["datasets_map"] = {"skipped": "the 'datasets' package is not installed"}
+    frames = torch.cat([f for f in (align(im, model.image_size, "dlib", largest=True)[0] for im in images) if len(f)])
+    out["aligned"] = int(len(frames))
+    feats = model.identity_bank[torch.arange(len(frames)) % model.identity_bank.shape[0]].float()
+    sec = _timed(lambda: runner.hide(frames, feats), min_time)
+    out["featdeid_frames"] = {"faces_per_s": round(len(frames) / sec, 2), "frame_size": model.image_size}
+    method = parse_method(f"adv@{adv}", adv_recogniser=lambda: load_recogniser(adv_target), adv_target_name=adv_target, batch_size=16)
+    keys = [str(i) for i in range(len(frames))]
+    t0 = time.perf_counter()
+    method.apply(frames, keys)
+    sec = time.perf_counter() - t0
+    out["adversarial_frames"] = {"faces_per_s": round(len(frames) / sec, 3), "spec": method.name, "target": adv_target, "s": round(sec, 2)}
+    out["ratio_featdeid_over_adversarial"] = round(out["featdeid_frames"]["faces_per_s"] / out["adversarial_frames"]["faces_per_s"], 1)
+    if "images_per_s" in out["datasets_map"]:
+        out["ratio_datasets_map_over_adversarial"] = round(out["datasets_map"]["images_per_s"] / out["adversarial_frames"]["faces_per_s"], 1)
+    out["peak_rss_mib"] = round(_peak_mib())
+    return out
+
+
 def _default_model() -> Any:
     from .errors import ModelNotFoundError
     from .loading import load
@@ -97,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model for the photo timing (default: shipped model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="write results here")
+    p.add_argument("--faces", type=int, default=0, help="time datasets.map and the adversarial baseline on this many LFW faces (0 = skip)")
+    p.add_argument("--assets", default=None, help="assets folder for --faces (default: $FEATDEID_ASSETS, else ../shared/assets)")
+    p.add_argument("--adv", default="8x50", help="adversarial baseline EPSxSTEPS for --faces (default 8x50)")
+    p.add_argument("--adv-target", default=None, help="recogniser spec the adversarial baseline attacks (default: the assets' EN)")
+    p.add_argument("--map-batch-size", type=int, default=8, help="datasets.map batch size for --faces")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,8 +188,29 @@ def main(argv: list[str] | None = None) -> int:
         photos = bench_photos([Path(x) for x in args.photos], model, args.min_time)
         for r in photos:
             print(f"photo {r['photo']} {r['size'][0]}x{r['size'][1]} faces={r['faces']} {r['s_per_photo']:.3f} s/photo")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    faces: dict[str, Any] = {}
+    if args.faces > 0:
+        import os
+
+        assets = Path(args.assets or os.environ.get("FEATDEID_ASSETS") or Path.cwd().parent / "shared" / "assets")
+        target = args.adv_target or f"onnx:{assets / 'weights' / 'faceplugin_fr_feature' / 'fr_feature.onnx'}"
+        model = args.model if args.model else _default_model()
+        if not isinstance(model, HidingNetwork):
+            from .loading import load
+
+            model = load(model)
+        faces = bench_faces(_lfw_images(assets, args.faces), model, args.adv, target, args.map_batch_size, args.min_time)
+        dm = faces["datasets_map"]
+        print(f"threads {faces['threads']} dtype {faces['dtype']} faces {faces['faces']} (aligned {faces['aligned']})")
+        if "images_per_s" in dm:
+            print(f"datasets.map(batched=True, batch_size={dm['batch_size']}) via transform_for: {dm['images_per_s']:.2f} images/s (detect, align, hide, paste)")
+        else:
+            print(f"datasets.map: {dm['skipped']}")
+        print(f"featdeid network on aligned frames ({faces['featdeid_frames']['frame_size']}px): {faces['featdeid_frames']['faces_per_s']:.2f} faces/s")
+        print(f"adversarial {faces['adversarial_frames']['spec']} vs {faces['adversarial_frames']['target']}: {faces['adversarial_frames']['faces_per_s']:.3f} faces/s")
+        print(f"ratio featdeid / adversarial: {faces['ratio_featdeid_over_adversarial']}x" + (f" (datasets.map pipeline / adversarial: {faces['ratio_datasets_map_over_adversarial']}x)" if "ratio_datasets_map_over_adversarial" in faces else ""))
+    peak = _peak_mib()
     print(f"peak RSS {peak:.0f} MiB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "network": rows, "photos": photos, "peak_rss_mib": round(peak)}, indent=2))
+        Path(args.json).write_text(json.dumps({"info": info, "network": rows, "photos": photos, "faces": faces, "peak_rss_mib": round(peak)}, indent=2))
     return 0

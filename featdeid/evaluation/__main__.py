@@ -1,0 +1,7 @@
+"""``python -m featdeid.evaluation ...`` is ``featdeid eval ...``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

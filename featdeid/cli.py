@@ -3,8 +3,10 @@
     featdeid IN [IN ...] -o OUT [--strength S] [--seed N] [--format png|jpg|webp|tiff] [--quality Q]
                                 [--lossless] [--keep-metadata] [--overwrite] [--report FILE.json]
 
-Inputs are never modified; outputs are written atomically; existing outputs are skipped (resume)
-unless ``--overwrite``; the exit code is 1 when any file failed, 2 on a usage error.
+Inputs are never modified; outputs are written atomically (hidden ``.NAME.PID.XXXX.part`` file, then a
+rename; such files left by a killed run are removed by the next run); existing outputs are skipped
+(resume) unless ``--overwrite``; two inputs that would share an output name are refused, not merged.
+The exit code is 1 when any file failed, 2 on a usage error, 130 when interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,43 +58,90 @@ def _is_within(child: Path, parent: Path) -> bool:
 
 
 def _process_file(runner: Any, src: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from PIL import Image, ImageSequence
-
     from . import images
 
     fmt = images.format_for(dst)
     if args.lossless and fmt == "JPEG":
         raise OutputError(f"{dst}: --lossless was asked but JPEG is lossy; use --format png, webp or tiff")
-    img = images.open_image(src)
     kw = dict(strength=args.strength, seed=args.seed, keep_metadata=args.keep_metadata, return_report=True)
-    if getattr(img, "is_animated", False) and img.n_frames > 1:
-        if fmt not in ("GIF", "WEBP", "PNG"):
-            raise OutputError(f"{src}: animated input needs an animated output format (gif, webp, png)")
-        frames, reports = [], []
-        for fr in ImageSequence.Iterator(img):
-            out, rep = runner(fr.convert("RGBA"), **kw)
-            frames.append(out)
-            reports.append(rep)
-        buf = io.BytesIO()
-        save_kw: dict[str, Any] = dict(save_all=True, append_images=frames[1:], duration=img.info.get("duration", 100), loop=img.info.get("loop", 0))
-        if fmt == "WEBP":
-            save_kw["lossless"] = True
-        frames[0].save(buf, format=fmt, **save_kw)
-        images.atomic_write(buf.getvalue(), dst)
-        return {"faces": sum(len(r.faces) for r in reports), "changed": sum(r.changed for r in reports), "skipped": sum(r.skipped for r in reports), "frames": len(frames)}
-    out, rep = runner(img, **kw)
-    if not args.keep_metadata:
-        out = images.bake_orientation(out)
-    data = images.encode(out, fmt, quality=args.quality, lossless=args.lossless, keep_metadata=args.keep_metadata)
-    images.atomic_write(data, dst)
-    img.close()
-    if isinstance(out, Image.Image):
+    img = images.open_image(src)
+    try:
+        if images.is_multiframe(img):
+            return _process_frames(runner, img, src, dst, fmt, kw)
+        # Deidentifier.__call__ for a PIL image, with the decoded input freed as soon as it is copied:
+        # a 12000 x 9000 photo then never has more than two full-size copies alive
+        work = images.from_pil(img, keep_metadata=args.keep_metadata)
+        img.close()
+        touched, rep = runner.process(work.rgb, strength=args.strength, seed=args.seed)
+        out = work.restore(work.rgb, touched)
+        del work, touched
+        if not args.keep_metadata:
+            out = images.bake_orientation(out)  # no EXIF in the output: make the pixels upright
+        data = images.encode(out, fmt, quality=args.quality, lossless=args.lossless, keep_metadata=args.keep_metadata)
         out.close()
-    return rep.to_dict()
+        del out
+        images.atomic_write(data, dst)
+        return rep.to_dict()
+    finally:
+        img.close()
+
+
+def _process_frames(runner: Any, img: Any, src: Path, dst: Path, fmt: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """Every frame of an animation de-identified, written as an animation of the same timing."""
+    from PIL import ImageSequence
+
+    from . import images
+
+    if fmt not in ("GIF", "WEBP", "PNG"):
+        raise OutputError(f"{src}: animated / multi-page input ({img.n_frames} frames) needs an animated output "
+                          "format: --format gif, webp or png")
+    frames, reports, durations = [], [], []
+    for fr in ImageSequence.Iterator(img):
+        durations.append(int(fr.info.get("duration", 100) or 100))
+        out, rep = runner(fr.convert("RGBA"), **kw)
+        frames.append(out)
+        reports.append(rep)
+    buf = io.BytesIO()
+    save_kw: dict[str, Any] = dict(save_all=True, append_images=frames[1:], duration=durations, loop=img.info.get("loop", 0))
+    if fmt == "WEBP":
+        save_kw["lossless"] = True
+    for fr in frames:
+        fr.info = {}  # no metadata on any frame
+    try:
+        frames[0].save(buf, format=fmt, **save_kw)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OutputError(f"cannot encode {len(frames)} frames as {fmt}: {e}") from e
+    images.atomic_write(buf.getvalue(), dst)
+    return {"faces": sum(len(r.faces) for r in reports), "changed": sum(r.changed for r in reports),
+            "skipped": sum(r.skipped for r in reports), "frames": len(frames)}
+
+
+def _plan(jobs: list[tuple[Path, Path]], out_dir: Path, fmt: str | None) -> list[tuple[Path, Path, str | None]]:
+    """``(input, output, error)`` per job: repeated inputs dropped, outputs two inputs would share refused."""
+    plan: list[tuple[Path, Path, str | None]] = []
+    owner: dict[Path, Path] = {}
+    for src, rel in jobs:
+        dst = out_dir / _output_name(rel, fmt)
+        key = Path(os.path.normcase(os.path.abspath(dst)))
+        if key in owner:
+            if owner[key].resolve() == src.resolve():
+                continue  # the same file named twice
+            plan.append((src, dst, f"OutputError: {dst} would also be the output of {owner[key]}; "
+                                   "de-identify one of them in a separate run or rename it"))
+            continue
+        owner[key] = src
+        plan.append((src, dst, None))
+    return plan
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    from . import images
 
     inputs = [Path(p) for p in args.inputs]
     for p in inputs:
@@ -111,51 +161,87 @@ def _run(args: argparse.Namespace) -> int:
     if args.allow_nested_output:
         jobs = [(s, r) for s, r in jobs if not _is_within(s, out_dir)]
     input_files = {s.resolve() for s, _ in jobs}
+    if args.report and Path(args.report).resolve() in input_files:
+        print(f"featdeid: error: --report {args.report} is an input file; featdeid never overwrites inputs", file=sys.stderr)
+        return EXIT_USAGE
+    from .faces.detect import get_detector
     from .pipeline import Deidentifier
 
     try:
         runner = Deidentifier(args.model, detector=args.detector, min_face_size=args.min_face_size)
+        get_detector(args.detector)  # fail now, not once per file
+        out_dir.mkdir(parents=True, exist_ok=True)
     except FeatdeidError as e:
         print(f"featdeid: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    records, failed = [], 0
-    bar = tqdm(jobs, unit="img", disable=args.quiet or None, desc="de-identifying")
-    for src, rel in bar:
-        dst = out_dir / _output_name(rel, args.format)
-        rec: dict[str, Any] = {"input": str(src), "output": str(dst)}
-        try:
-            if dst.resolve() in input_files:
-                raise OutputError(f"{dst} is an input file; featdeid never overwrites inputs")
-            if dst.exists() and not args.overwrite:
-                rec["status"] = "exists"
-            else:
-                rec.update(_process_file(runner, src, dst, args))
-                rec["status"] = "ok"
-        except FeatdeidError as e:
-            rec.update(status="error", error=f"{type(e).__name__}: {e}")
-        except MemoryError:
-            rec.update(status="error", error="MemoryError: image too large for available memory")
-        except Exception as e:  # one bad file must not stop a folder; report it with its type
-            rec.update(status="error", error=f"{type(e).__name__}: {e}")
-        if rec["status"] == "error":
-            failed += 1
-            tqdm.write(f"featdeid: {src}: {rec['error']}", file=sys.stderr)
-        records.append(rec)
+    except OSError as e:
+        print(f"featdeid: error: cannot create output folder {out_dir}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    # temporary files of an earlier run that was killed mid-write: never outputs, removed now
+    stale = images.remove_stale_temp_files(out_dir)
+    if args.report:
+        stale += images.remove_stale_temp_files(Path(args.report).parent, recursive=False)
+    if stale and not args.quiet:
+        print(f"featdeid: removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
+    records: list[dict[str, Any]] = []
+    failed, interrupted = 0, False
+    plan = _plan(jobs, out_dir, args.format)
+    bar = tqdm(plan, unit="img", disable=args.quiet or None, desc="de-identifying")
+    try:
+        for src, dst, planned_error in bar:
+            rec: dict[str, Any] = {"input": str(src), "output": str(dst)}
+            try:
+                if planned_error:
+                    rec.update(status="error", error=planned_error)
+                elif dst.resolve() in input_files:
+                    raise OutputError(f"{dst} is an input file; featdeid never overwrites inputs")
+                elif dst.is_symlink() or dst.exists():
+                    if not dst.is_file() or dst.is_symlink():
+                        raise OutputError(f"{dst} exists and is not a regular file; not touched")
+                    if args.overwrite:
+                        rec.update(_process_file(runner, src, dst, args))
+                        rec["status"] = "ok"
+                    else:
+                        rec["status"] = "exists"
+                else:
+                    rec.update(_process_file(runner, src, dst, args))
+                    rec["status"] = "ok"
+            except FeatdeidError as e:
+                rec.update(status="error", error=f"{type(e).__name__}: {e}")
+            except MemoryError:
+                rec.update(status="error", error="MemoryError: image too large for available memory")
+            except Exception as e:  # one bad file must not stop a folder; report it with its type
+                rec.update(status="error", error=f"{type(e).__name__}: {e}")
+            if rec["status"] == "error":
+                failed += 1
+                tqdm.write(f"featdeid: {src}: {rec['error']}", file=sys.stderr)
+            records.append(rec)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
     summary = {
-        "files": len(records),
+        "files": len(plan),
         "ok": sum(r["status"] == "ok" for r in records),
         "exists": sum(r["status"] == "exists" for r in records),
         "failed": failed,
+        "not_done": len(plan) - len(records),
         "faces_changed": sum(r.get("changed", 0) for r in records),
         "faces_skipped": sum(r.get("skipped", 0) for r in records),
+        "interrupted": interrupted,
     }
+    code = 130 if interrupted else EXIT_FAILED if failed else EXIT_OK
     if args.report:
-        from .images import atomic_write
-
-        atomic_write(json.dumps({"summary": summary, "files": records}, indent=2).encode(), args.report)
+        try:
+            images.atomic_write(json.dumps({"summary": summary, "files": records}, indent=2).encode(), args.report)
+        except OSError as e:
+            print(f"featdeid: error: cannot write report {args.report}: {e.strerror or e}", file=sys.stderr)
+            code = code or EXIT_FAILED
+    if interrupted:
+        print("featdeid: interrupted; finished outputs are complete, run again to resume", file=sys.stderr)
     if not args.quiet:
         print(json.dumps(summary))
-    return EXIT_FAILED if failed else EXIT_OK
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality is not None and not 1 <= args.quality <= 100:
         print("featdeid: error: --quality must be in 1..100", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)  # `kill`: stop like Ctrl-C (temporary file removed, report written)
+    except ValueError:  # not the main thread
+        pass
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -116,8 +116,13 @@ class Deidentifier:
         if identity is None:
             idx = ident.choose(bank.shape[0], n, seed)
             return bank[torch.as_tensor(idx, dtype=torch.long)].float(), [int(i) for i in idx]
-        arr = np.asarray(identity.detach().cpu() if isinstance(identity, torch.Tensor) else identity, dtype=np.float32)
+        try:
+            arr = np.asarray(identity.detach().float().cpu() if isinstance(identity, torch.Tensor) else identity, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"identity must be a feature vector (D,) or (N, D) of numbers: {e}") from None
         dim = self.model.feature_dim
+        if arr.ndim > 2:
+            raise ConfigError(f"identity must be (D,) or (N, D), got shape {arr.shape}")
         if arr.ndim == 2:
             if arr.shape[0] < n:
                 raise ConfigError(f"identity has {arr.shape[0]} features for {n} faces")
@@ -137,13 +142,19 @@ class Deidentifier:
 
         Returns the boolean mask of changed pixels (None if nothing changed) and the report.
         """
-        strength = self.default_strength if strength is None else float(strength)
+        if strength is None:
+            strength = self.default_strength
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError):
+            raise ConfigError(f"strength must be a finite number >= 0, got {strength!r}") from None
         if not np.isfinite(strength) or strength < 0:
             raise ConfigError(f"strength must be a finite number >= 0, got {strength}")
         if seed is None:
             seed = ident.content_seed(rgb)
-        elif not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        elif not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
+        seed = int(seed)
         found = find_faces(rgb, self.detector, faces, self.detect_max_side)
         results = [FaceResult(f, "too_small" if f.size < self.min_face_size else "changed") for f in found]
         todo = [r for r in results if r.status == "changed"]

@@ -15,11 +15,18 @@ from .errors import UnsafeWeightsError
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch zip archive
 
 
-def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, refusing anything else (pickles are never unpickled)."""
+def load_safetensors(path: str | Path, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, refusing anything else (pickles are never unpickled).
+
+    With ``check_finite`` (default) a file holding NaN or infinite floats is refused too: such weights
+    would turn every de-identified face into garbage without an error.
+    """
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except IsADirectoryError as e:
+        raise UnsafeWeightsError(f"{path} is a folder, not a safetensors file") from e
     if any(head.startswith(m) for m in _PICKLE_MAGIC):
         raise UnsafeWeightsError(f"{path} is a pickle / torch.save archive; featdeid loads safetensors only")
     if len(head) < 8:
@@ -29,9 +36,14 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     if header_len <= 0 or header_len > min(size - 8, 100_000_000):
         raise UnsafeWeightsError(f"{path} is not a valid safetensors file (bad header length)")
     try:
-        return load_file(str(path))
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        state = load_file(str(path))
+    except (SafetensorError, ValueError, RuntimeError, OSError, OverflowError) as e:
         raise UnsafeWeightsError(f"{path} is not a valid safetensors file: {e}") from e
+    if check_finite:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise UnsafeWeightsError(f"{path} holds non-finite values (NaN or infinity) in {', '.join(sorted(bad)[:5])}")
+    return state
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -219,6 +219,17 @@ def _refine(det: DlibDetector, rgb: np.ndarray, face: Face) -> Face:
     return Face(face.box, lm, face.score)
 
 
+MAX_COORD = 1e7  # pixels; landmarks further out than this are nonsense, not a face off the edge
+
+
+def _check_landmarks(i: int, lm: np.ndarray) -> None:
+    """Refuse landmarks no similarity transform can use (they would fail deep in linear algebra)."""
+    if np.abs(lm).max() > MAX_COORD:
+        raise ConfigError(f"face {i}: landmark coordinates beyond +-{MAX_COORD:g} px")
+    if float(np.ptp(lm, axis=0).max()) < 1e-3:
+        raise ConfigError(f"face {i}: the five landmarks coincide (degenerate face)")
+
+
 def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str | Detector = "dlib") -> list[Face]:
     """Normalise user-given faces.
 
@@ -226,14 +237,31 @@ def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str |
     ``landmarks`` (``(5, 2)``) and/or ``box`` (``(4,)`` x0, y0, x1, y1). Boxes without landmarks get
     landmarks from the dlib predictor on ``rgb``.
     """
-    if isinstance(faces, np.ndarray) or (isinstance(faces, Sequence) and faces and isinstance(faces[0], np.ndarray) and np.asarray(faces[0]).shape == (5, 2)):
-        arr = np.asarray(faces, dtype=np.float64)
+    if isinstance(faces, (Face, dict)):
+        faces = [faces]
+    if hasattr(faces, "detach"):  # a torch tensor of landmarks
+        faces = faces.detach().cpu().numpy()
+    if not isinstance(faces, (np.ndarray, Sequence, str, bytes)) and hasattr(faces, "__iter__"):
+        faces = list(faces)  # a generator or other iterable of faces
+    if not isinstance(faces, (np.ndarray, Sequence)) or isinstance(faces, (str, bytes)):
+        raise ConfigError(f"faces must be a list of faces or an (N, 5, 2) landmark array, got {type(faces).__name__}")
+    if isinstance(faces, np.ndarray) or (len(faces) and not isinstance(faces[0], (Face, dict))):
+        try:
+            arr = np.asarray(faces, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"landmarks must be an (N, 5, 2) array of numbers: {e}") from None
+        if arr.size == 0:
+            return []
         if arr.ndim != 3 or arr.shape[1:] != (5, 2):
             raise ConfigError(f"landmarks must be (N, 5, 2), got {arr.shape}")
         faces = [{"landmarks": a} for a in arr]
     out: list[Face] = []
     for i, f in enumerate(faces):
         if isinstance(f, Face):
+            lm = np.asarray(f.landmarks, dtype=np.float64)
+            if lm.shape != (5, 2) or not np.isfinite(lm).all():
+                raise ConfigError(f"face {i}: landmarks must be a finite (5, 2) array, got {lm.shape}")
+            _check_landmarks(i, lm)
             out.append(f)
             continue
         if not isinstance(f, dict) or not ({"box", "landmarks"} & set(f)):
@@ -244,10 +272,11 @@ def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str |
             lm = np.asarray(lm, dtype=np.float64)
             if lm.shape != (5, 2) or not np.isfinite(lm).all():
                 raise ConfigError(f"face {i}: landmarks must be a finite (5, 2) array, got {lm.shape}")
+            _check_landmarks(i, lm)
             lm = _order_landmarks(lm)
         if box is not None:
             box = np.asarray(box, dtype=np.float64)
-            if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
+            if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1] or np.abs(box).max() > MAX_COORD:
                 raise ConfigError(f"face {i}: box must be (x0, y0, x1, y1) with x1 > x0, y1 > y0")
         if lm is None:
             if rgb is None:

@@ -74,7 +74,13 @@ class ModelConfig:
                 raise ConfigError(f"channels {self.base_channels * m} not divisible by groups={self.groups}")
         if self.version > FORMAT_VERSION:
             raise ConfigError(f"config version {self.version} is newer than this featdeid ({FORMAT_VERSION})")
-        if not isinstance(self.default_strength, (int, float)) or not 0 <= self.default_strength <= 4:
+        for name in ("frame", "recogniser"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not self.frame.startswith("arcface112@"):
+            raise ConfigError(f"unknown face frame {self.frame!r}; this featdeid knows 'arcface112@...'")
+        strength = self.default_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 4:
             raise ConfigError(f"default_strength must be a number in [0, 4], got {self.default_strength!r}")
         tiling_shape(self.feature_dim, self.image_size)
 

@@ -180,7 +180,10 @@ class HidingNetwork(nn.Module):
         bank = state.get(IDENTITY_BANK_KEY)
         model = cls(config, identity_bank=bank)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of the wrong shape for this config
+            raise ConfigError(f"{w_path} does not match {cfg_path}: {str(e).splitlines()[-1].strip()}") from e
         if missing or unexpected:
             raise ConfigError(
                 f"{w_path} does not match {cfg_path}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"

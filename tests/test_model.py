@@ -61,7 +61,10 @@ def test_paper_config_is_the_paper_size():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(image_size=100), dict(channel_mults=()), dict(base_channels=0), dict(feature_dim=500), dict(default_strength=-1), dict(image_size="256")],
+    [
+        dict(image_size=100), dict(channel_mults=()), dict(base_channels=0), dict(feature_dim=500), dict(default_strength=-1),
+        dict(image_size="256"), dict(default_strength=True), dict(recogniser=5), dict(frame="other-template"),
+    ],
 )
 def test_config_validation(bad):
     with pytest.raises(ConfigError):

@@ -70,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> "EvalConfig":
-    from .baselines import parse_method  # noqa: F401  (import errors surface early)
     from .runner import EvalConfig
 
     assets = _assets(args.assets)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from . import attacks as attack_lib
-from .baselines import Method, parse_method, stable_seed
+from .baselines import Method, parse_method
 from .evaluators import Evaluator, collect
 from .identification import identification
 from .metrics import LPIPSAlex, mean_psnr, psnr, ssim
@@ -338,6 +338,9 @@ class Run:
         }
         with self.timer("originals"):
             self.originals()
+        if self.attacks:
+            with self.timer("robustness_originals"):
+                self._robust_originals(EmbeddingCache(self.cache_dir))
         self.write()
         for m in methods:
             done = self._resumed(m)
@@ -424,9 +427,6 @@ class Run:
             self.results["evaluators"].append(info)
         self.results["originals_embedding_s"] = round(time.perf_counter() - t0, 2)
         self.thresholds = {e["name"]: e["threshold"] for e in self.results["evaluators"]}
-        if self.attacks:
-            with self.timer("robustness_originals"):
-                self._robust_originals(cache)
 
     def _embed_chunks(self, evaluators: list[Evaluator], idx: np.ndarray, frames_of: Callable[[np.ndarray], np.ndarray], desc: str) -> dict[str, np.ndarray]:
         """Embed ``frames_of(chunk)`` for every chunk of ``idx`` with every evaluator, interleaved."""

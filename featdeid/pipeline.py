@@ -60,7 +60,8 @@ class Deidentifier:
     """Reusable de-identifier: holds the model and the detector.
 
     Args:
-        model: a :class:`HidingNetwork`, a model folder / Hub repo id, or None for the default model.
+        model: a :class:`HidingNetwork` (set to eval mode and channels_last in place), a model folder /
+            Hub repo id, or None for the default model.
         detector: ``"auto"``, ``"dlib"``, ``"insightface"`` or an object with ``.detect(rgb)``.
         min_face_size: faces smaller than this (pixels, larger box side) are skipped and reported.
         detect_max_side: detection runs on a copy downscaled to this longer side.

@@ -38,6 +38,11 @@ _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def peak(dtype: np.dtype) -> float:
+    """Full-scale value of an image dtype: 255 for uint8, 65535 for uint16, 1.0 for floats."""
+    return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype), 1.0)
+
+
 def upright_view(raw: np.ndarray, orientation: int) -> np.ndarray:
     """A view of ``raw`` ``(H, W, ...)`` as a viewer shows it under EXIF ``orientation`` (writes go through)."""
     return _UPRIGHT.get(int(orientation), _UPRIGHT[1])(raw)

@@ -49,3 +49,9 @@ def random_model():
     torch.nn.init.normal_(model.head.weight, std=0.05)
     torch.nn.init.normal_(model.head.bias, std=0.02)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model_dir(random_model, tmp_path_factory) -> Path:
+    """``random_model`` saved as a model folder (for the CLI, the Space and the integrations)."""
+    return random_model.save_pretrained(tmp_path_factory.mktemp("model") / "m")

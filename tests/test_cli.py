@@ -21,11 +21,6 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture()
-def model_dir(tmp_path_factory, random_model):
-    return random_model.save_pretrained(tmp_path_factory.mktemp("model") / "m")
-
-
-@pytest.fixture()
 def photo_tree(tmp_path, group_photos):
     root = tmp_path / "in"
     (root / "sub").mkdir(parents=True)

@@ -29,13 +29,6 @@ def _group(name: str = "bbt4.jpg") -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(random_model, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("integration-model")
-    random_model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def runner(random_model):
     import featdeid
 

@@ -40,13 +40,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(random_model, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("space-model")
-    random_model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def space_url(model_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("space-log") / "space.log"

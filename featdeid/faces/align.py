@@ -7,11 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import images
 from . import frame
 from .detect import Detector, Face, detect_faces, faces_from_user
-
-_PEAK = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
-
 
 def as_uint8(rgb: np.ndarray) -> np.ndarray:
     """``(H, W, 3)`` uint8 copy of a uint8 / uint16 / float [0, 1] array (for detectors)."""
@@ -28,7 +26,7 @@ def extract_faces(rgb: np.ndarray, faces: list[Face], size: int) -> tuple[torch.
     Returns:
         frames ``(N, 3, size, size)`` float in [0, 1] and the image -> frame matrices.
     """
-    peak = _PEAK.get(rgb.dtype, 1.0)
+    peak = images.peak(rgb.dtype)
     mats, frames = [], []
     for f in faces:
         m = frame.alignment_matrix(f.landmarks, size)
@@ -56,8 +54,6 @@ def align(image: Any, size: int = 256, detector: str | Detector = "auto", faces:
 
     With ``largest=True`` only the largest face is returned.
     """
-    from .. import images
-
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         image = images.open_image(image)
     work = images.from_array(image) if isinstance(image, np.ndarray) else images.from_pil(image)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import images
 from . import frame
 
 # Face ellipse in frame units: centre and radii (covers brows to chin, cheek to cheek).
@@ -35,6 +36,24 @@ def apply_mask(cover: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return cover + face_mask(cover.shape[-1]).to(cover) * (out - cover)
 
 
+def _to_image(stack: torch.Tensor, m: np.ndarray, size: int, hw: tuple[int, int]) -> tuple[tuple[int, int, int, int], torch.Tensor] | None:
+    """Warp frame-space planes ``(1, C, s, s)`` onto the image box the frame covers.
+
+    The planes are first resized (anti-aliased) to the face's native resolution, so a large face gets
+    a smooth change and a small one no aliasing. Returns the box and ``(C, box_h, box_w)``, or None.
+    """
+    box = frame.frame_bbox(m, size, hw)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    native = int(round(size / frame.frame_scale(m)))
+    res_size = min(max(native, 8), 2048)
+    if res_size != stack.shape[-1]:
+        stack = F.interpolate(stack, size=(res_size, res_size), mode="bilinear", antialias=True, align_corners=False)
+    region_to_frame = frame.shift(frame.rescale(m, res_size / size), x0, y0)
+    return box, frame.warp(stack, frame.invert_affine(region_to_frame), (y1 - y0, x1 - x0), padding_mode="zeros")[0]
+
+
 def paste(
     image: np.ndarray,
     residual: torch.Tensor,
@@ -53,26 +72,19 @@ def paste(
     Returns:
         the image box that was touched and the boolean mask of written pixels in it, or None.
     """
-    h, w = image.shape[:2]
-    box = frame.frame_bbox(m, size, (h, w))
-    if box is None:
-        return None
-    x0, y0, x1, y1 = box
-    native = int(round(size / frame.frame_scale(m)))
-    res_size = min(max(native, 8), 2048)
     s = residual.shape[-1]
-    stack = torch.cat([residual.float() * scale, face_mask(s)], dim=1)
-    if res_size != s:
-        stack = F.interpolate(stack, size=(res_size, res_size), mode="bilinear", antialias=True, align_corners=False)
-    region_to_frame = frame.shift(frame.rescale(m, res_size / size), x0, y0)
-    warped = frame.warp(stack, frame.invert_affine(region_to_frame), (y1 - y0, x1 - x0), padding_mode="zeros")[0]
+    found = _to_image(torch.cat([residual.float() * scale, face_mask(s)], dim=1), m, size, image.shape[:2])
+    if found is None:
+        return None
+    box, warped = found
+    x0, y0, x1, y1 = box
     delta = warped[:3].permute(1, 2, 0).numpy()
     alpha = warped[3].numpy()
     inside = alpha > 1e-4
     if not inside.any():
         return None
     region = image[y0:y1, x0:x1]
-    peak = _peak(image.dtype)
+    peak = images.peak(image.dtype)
     changed = np.clip(region.astype(np.float32) / peak + delta * alpha[..., None], 0.0, 1.0)
     if np.issubdtype(image.dtype, np.integer):
         changed = np.round(changed * peak)
@@ -82,23 +94,11 @@ def paste(
     return box, inside
 
 
-def _peak(dtype: np.dtype) -> float:
-    if dtype == np.uint8:
-        return 255.0
-    if dtype == np.uint16:
-        return 65535.0
-    return 1.0
-
-
 def face_region(m: np.ndarray, size: int, hw: tuple[int, int]) -> np.ndarray:
-    """Boolean ``(H, W)`` image mask of the pixels paste-back may write for a face (mask support)."""
-    h, w = hw
-    out = np.zeros((h, w), dtype=bool)
-    box = frame.frame_bbox(m, size, (h, w))
-    if box is None:
-        return out
-    x0, y0, x1, y1 = box
-    region_to_frame = frame.shift(m, x0, y0)
-    alpha = frame.warp(face_mask(size), frame.invert_affine(region_to_frame), (y1 - y0, x1 - x0), padding_mode="zeros")[0, 0]
-    out[y0:y1, x0:x1] = alpha.numpy() > 1e-4
+    """Boolean ``(H, W)`` image mask of the pixels paste-back writes for a face (same warp as :func:`paste`)."""
+    out = np.zeros(hw, dtype=bool)
+    found = _to_image(face_mask(size), m, size, hw)
+    if found is not None:
+        (x0, y0, x1, y1), alpha = found
+        out[y0:y1, x0:x1] = alpha[0].numpy() > 1e-4
     return out

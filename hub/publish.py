@@ -3,7 +3,8 @@
     python hub/publish.py MODEL_FOLDER --repo-id owner/name [--revision BRANCH] [--private] [--token TOKEN]
 
 The folder is loaded with featdeid first (safetensors only, config validated, non-empty identity
-bank), then ``config.json``, ``model.safetensors`` and ``README.md`` are uploaded in one commit.
+bank), then ``config.json``, ``model.safetensors`` and ``README.md`` (plus the card's ``sweep.json`` and PNG
+plots when present) are uploaded in one commit.
 The token comes from ``--token`` or ``HF_TOKEN``; ``HF_ENDPOINT`` selects the Hub.
 """
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 FILES = ("config.json", "model.safetensors", "README.md")
+EXTRAS = ("sweep.json", "*.png")  # measurements shown by the card, uploaded when present
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             repo_id=args.repo_id,
             folder_path=args.folder,
             revision=args.revision,
-            allow_patterns=list(FILES),
+            allow_patterns=[*FILES, *EXTRAS],
             commit_message=args.message or "Upload featdeid model",
             commit_description=description,
         )

@@ -96,7 +96,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Where and how: output folder, precision, checkpoints, logging, seed."""
+    """Where and how: output folder, precision, checkpoints, logging, seed. ``init_from`` is a model
+    folder (``config.json`` + ``model.safetensors``) whose weights start a fresh run (new optimizer
+    and schedule), e.g. a second stage with another learning rate; ``--resume`` takes precedence."""
 
     output: str = "runs/experiment"
     mixed_precision: str = "bf16"
@@ -104,6 +106,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:  # "fp32" and YAML's false are read as "no"

@@ -85,8 +85,9 @@ weights. Measured de-identification and image-quality numbers: not yet filled in
 
 
 def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, recogniser: torch.nn.Module | None = None,
-                 data: ExperimentData | None = None, device: torch.device | str = "cpu") -> Path:
-    """Write the model folder from trained weights (a folder saved by ``save_pretrained``)."""
+                 data: ExperimentData | None = None, device: torch.device | str = "cpu", half: bool = False) -> Path:
+    """Write the model folder from trained weights (a folder saved by ``save_pretrained``); ``half``
+    stores the weights as float16 (half the size; they run in float32 after loading)."""
     from training.experiment import build_data, build_recogniser
 
     weights, output = Path(weights), Path(output)
@@ -100,7 +101,7 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     model.load_state_dict(state, strict=True)
     info_path = weights / "best.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    model.save_pretrained(output, card=model_card(cfg, info, int(bank.shape[0])))
+    model.save_pretrained(output, half=half, card=model_card(cfg, info, int(bank.shape[0])))
     return output
 
 
@@ -112,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="the experiment YAML the weights were trained with")
     p.add_argument("--weights", required=True, help="folder with config.json + model.safetensors (e.g. RUN/best)")
     p.add_argument("--output", required=True, help="model folder to write")
+    p.add_argument("--half", action="store_true", help="store float16 weights")
     args = p.parse_args(argv)
     try:
-        out = export_model(args.weights, load_config(args.config), args.output)
+        out = export_model(args.weights, load_config(args.config), args.output, half=args.half)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

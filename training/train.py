@@ -109,6 +109,15 @@ def state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def init_weights(model: HidingNetwork, folder: str | Path) -> None:
+    """Copy the weights of the model folder ``folder`` into ``model``; the architectures must match."""
+    source = HidingNetwork.from_pretrained(folder)
+    same = dataclasses.replace(source.config, recogniser=model.config.recogniser, default_strength=model.config.default_strength)
+    if same != model.config:
+        raise ConfigError(f"run.init_from {folder}: its model config {source.config} differs from this run's {model.config}")
+    model.load_state_dict(source.state_dict())
+
+
 def resolve_resume(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (its latest checkpoint)."""
     path = Path(path)
@@ -155,6 +164,9 @@ def train(
     en = build_recogniser(cfg).to(acc.device)
     loss_fn = build_loss(cfg, en).to(acc.device)
     model = HidingNetwork(cfg.model)
+    if cfg.run.init_from and resume is None:
+        init_weights(model, cfg.run.init_from)
+        acc.print(f"initialised from {cfg.run.init_from}")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_epochs - 1

@@ -1,0 +1,182 @@
+"""Write the model card (``README.md`` with Hub metadata) of a featdeid model folder from measurements.
+
+    python hub/model_card.py MODEL_FOLDER --config training/configs/X.yaml --sweep SWEEP/sweep.json \
+        --eval EVAL/results.json [BASELINES/results.json ...] [--eval-celeba CELEBA/results.json] [--output OUT.md]
+
+Every number in the card is read from the files given: ``sweep.json`` of ``training/select_strength.py``
+(validation covers) and ``results.json`` of ``featdeid eval`` (test sets). Nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ATTACKS = ("median5", "gauss5", "jpeg10", "bits3", "webp50", "resize0.5")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _front_matter(cfg: Any) -> str:
+    return f"""---
+library_name: featdeid
+license: cc-by-nc-4.0
+tags:
+- face-de-identification
+- privacy
+- anonymization
+- image-to-image
+pipeline_tag: image-to-image
+datasets:
+- utkface
+- generated-photos
+metrics:
+- psnr
+- ssim
+- lpips
+model_name: featdeid {cfg.name}
+---
+"""
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Quality and per-evaluator ASR / Rank-1 / Rank-5 of every method in a ``featdeid eval`` report."""
+    evs = results["evaluators"]
+    head = "| method | PSNR | SSIM | LPIPS(alex) | " + " | ".join(
+        f"{e['name']} ({e['role']}) ASR % / R-1 % / R-5 %" for e in evs) + " |"
+    rows = [head, "|---|---:|---:|---:|" + "---:|" * len(evs)]
+    orig = "| originals | ∞ | 1.000 | 0.000 | " + " | ".join(
+        f"{_pct(e['asr_original'])} / {_pct(e.get('rank1_original'))} / {_pct(e.get('rank5_original'))}" for e in evs) + " |"
+    rows.append(orig)
+    for m in results["methods"]:
+        q = m["quality"]
+        cells = []
+        for e in evs:
+            r = m["evaluators"].get(e["name"], {})
+            cells.append(f"{_pct(r.get('asr'))} / {_pct(r.get('rank1'))} / {_pct(r.get('rank5'))}")
+        rows.append(f"| {m['label']} (`{m['name']}`) | {q['psnr']:.2f} | {q['ssim']:.3f} | {q['lpips']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def robustness_table(results: dict[str, Any], method: str) -> str:
+    """ASR % of one method under each attack, per evaluator."""
+    m = next((x for x in results["methods"] if x["name"] == method), None)
+    if m is None:
+        return ""
+    rows = ["| evaluator | none | " + " | ".join(ATTACKS) + " | largest drop (points) |", "|---|" + "---:|" * (len(ATTACKS) + 2)]
+    for e in results["evaluators"]:
+        rob = m["evaluators"].get(e["name"], {}).get("robustness")
+        if not rob:
+            continue
+        drop = max(100 * (rob["none"] - rob[a]) for a in ATTACKS if a in rob)
+        rows.append(f"| {e['name']} ({e['role']}) | {_pct(rob['none'])} | " + " | ".join(_pct(rob.get(a)) for a in ATTACKS) + f" | {drop:+.1f} |")
+    return "\n".join(rows)
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report with the methods of all (first occurrence of a name wins); evaluators of the first."""
+    out = dict(reports[0])
+    seen: set[str] = set()
+    out["methods"] = [m for r in reports for m in r["methods"] if not (m["name"] in seen or seen.add(m["name"]))]
+    return out
+
+
+def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any], celeba: dict[str, Any] | None) -> str:
+    model_cfg = json.loads((folder / "config.json").read_text())
+    strength = model_cfg.get("default_strength", 1.0)
+    best = json.loads((REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json").read_text()) \
+        if (REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json").is_file() else {}
+    w = cfg.losses.weights
+    sweep_rows = "\n".join(
+        f"| {r['strength']:g} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['lpips']:.4f} | {r['whitebox_cos']:+.3f} |" for r in sweep["rows"])
+    default_name = f"featdeid@{strength:g}"
+    parts = [
+        _front_matter(cfg),
+        f"# featdeid default model ({cfg.name})\n",
+        "A hiding network (Hanawa, Ito & Aoki, \"Face image de-identification based on feature embedding\", "
+        "EURASIP JIVP 2024) that changes a face just enough that face-recognition systems stop matching it to the "
+        "person, while the photo still looks the same to people. It is the model `featdeid.load()` returns "
+        "with no argument (shipped inside the `featdeid` package; no network needed).\n",
+        "```python\nimport featdeid\nout = featdeid.deidentify(\"photo.jpg\")          # the packaged copy of this model\n"
+        "model = featdeid.load(\"OWNER/featdeid-default\")  # this repo\n```\n",
+        "## Model\n",
+        f"- U-Net hiding network, {model_cfg['image_size']}×{model_cfg['image_size']} input, base width "
+        f"{model_cfg['base_channels']}, channel multipliers {model_cfg['channel_mults']}; applied to larger faces by "
+        "upsampling its residual. Weights stored as float16 (safetensors).",
+        f"- Identity bank: EN features of the training split of the GAN faces (no real person); each face gets one, seeded.",
+        f"- EN (extracting network, white-box): `{model_cfg['recogniser']}` (MobileFaceNet-style, 512-d, MIT-licensed "
+        "vendor weights of unknown training data).",
+        f"- Default strength **{strength:g}**, chosen on {sweep['covers']} validation covers (UTKFace validation split, never "
+        f"trained on) as the largest strength whose mean PSNR ≥ {sweep['targets']['min_psnr']:g} dB, SSIM ≥ "
+        f"{sweep['targets']['min_ssim']:g} and LPIPS ≤ {sweep['targets']['max_lpips']:g}.\n",
+        "## Training\n",
+        f"- Covers: UTKFace (5,000-image subset; {cfg.data.val_fraction:g} held out for validation). Fake identities: "
+        f"2,000 GAN faces (generated.photos style), {cfg.data.embed_val_fraction:g} held out.",
+        f"- Losses (paper §3.2): rec {w['rec']:g} (L2), perceptual {w['perc']:g} (VGG-16 relu5_3; the paper's VGG-19 is not "
+        f"available offline), LPIPS(VGG) {w['lpips']:g}, near {w['near']:g}, far {w['far']:g}.",
+        "- Transfer augmentations between D and the EN (to work on recognisers never seen in training): random resize/shift of "
+        "the EN crop, differentiable blur and JPEG, and training on the masked paste-back C + m·(D − C).",
+        f"- Adam lr {cfg.optim.lr:g}, batch {cfg.optim.batch_size}, bf16 autocast, on a 2-core CPU; selected checkpoint "
+        f"{json.dumps(best)}. Reproduce: `python training/train.py --config training/configs/{cfg.name}.yaml`.\n",
+        "## Strength sweep (validation covers)\n",
+        "| strength | PSNR dB | SSIM | LPIPS(alex) | EN cos(C, D) |\n|---:|---:|---:|---:|---:|\n" + sweep_rows + "\n",
+        "![strength sweep on the validation covers](sweep.png)\n",
+        "## Results: LFW, full protocol (`featdeid eval --set lfw`)\n",
+        "6,000 pairs (10 folds); thresholds set for best accuracy on the original pairs; ASR = share of the 3,000 "
+        "genuine pairs (D₁, I₂) judged different. 1:N: 200 persons × 3 images, all six combinations. dlib and "
+        "MobileFaceNet (xiaoccer) are black-box evaluators never used in training; the EN row is white-box. "
+        "Quality: between C and D on the 256×256 aligned face frame.\n",
+        results_table(results) + "\n",
+        f"Robustness of `{default_name}` (ASR % after processing D; paper Table 8 plus WebP and 0.5× rescale):\n",
+        robustness_table(results, default_name) + "\n",
+        *(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in sorted(folder.glob("lfw_*.png"))),
+    ]
+    if celeba is not None:
+        parts += ["## Results: CelebA in-the-wild photos (`featdeid eval --set celeba`)\n", results_table(celeba) + "\n"]
+    parts += [
+        "## Intended use and limits\n",
+        "- For reducing automatic face matching of people in photos you publish or share, as one layer of protection. "
+        "It is not a guarantee: read the ASR figures above — a recogniser that is not defeated still matches "
+        "the share of faces given by 100 − ASR, and recognisers unlike the evaluators here may do better.",
+        "- Faces the detector misses are not changed; check the report (`--report`) for faces found and skipped.",
+        "- Not for evading lawful identification, and not a tool for making images of real people say or show something else.",
+        "- Trained on 5,000 UTKFace faces: accuracy may differ across ages, skin tones and poses in ways not measured here.\n",
+        "## Licence and terms\n",
+        "- Weights: CC BY-NC 4.0 (non-commercial). The training photos (UTKFace) are available for non-commercial research "
+        "only, and the GAN faces' origin terms could not be verified; those terms apply to any use of these weights.",
+        "- Code: featdeid, Apache-2.0.",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Write a featdeid model card from measured results.")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--config", required=True)
+    p.add_argument("--sweep", required=True, type=Path)
+    p.add_argument("--eval", required=True, type=Path, nargs="+",
+                   help="results.json of featdeid eval --set lfw (several: their methods in one table, e.g. the model and the baselines)")
+    p.add_argument("--eval-celeba", type=Path, default=None)
+    p.add_argument("--output", type=Path, default=None, help="default: FOLDER/README.md")
+    args = p.parse_args(argv)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from training.config import load_config
+
+    text = card(args.folder, load_config(args.config), json.loads(args.sweep.read_text()), merge([json.loads(p.read_text()) for p in args.eval]),
+                json.loads(args.eval_celeba.read_text()) if args.eval_celeba else None)
+    out = args.output or args.folder / "README.md"
+    out.write_text(text)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import resource
@@ -46,10 +47,13 @@ def _timed(fn: Any, min_time: float, min_iters: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_network(config: ModelConfig, batch: int, precision: str, channels_last: bool, min_time: float) -> float:
-    """Aligned faces per second through the network."""
+def bench_network(config: ModelConfig | HidingNetwork, batch: int, precision: str, channels_last: bool, min_time: float) -> float:
+    """Aligned faces per second through the network (a config: random weights; or a loaded model)."""
     torch.manual_seed(0)
-    model = HidingNetwork(config).eval()
+    if isinstance(config, HidingNetwork):
+        model, config = copy.deepcopy(config).eval(), config.config  # a copy: channels_last converts in place
+    else:
+        model = HidingNetwork(config).eval()
     x = torch.rand(batch, 3, config.image_size, config.image_size)
     e = torch.nn.functional.normalize(torch.randn(batch, config.feature_dim), dim=1)
     if channels_last:
@@ -153,7 +157,7 @@ def _default_model() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="featdeid bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="small,paper", help="comma list of: small, paper")
+    p.add_argument("--configs", default="small,paper", help="comma list of: small, paper (random weights), shipped (the default model's weights)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--channels-last", default="off,on", help="comma list of off/on")
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'config':7} {'batch':>5} {'dtype':5} {'chlast':6} {'faces/s':>9}")
     for name in args.configs.split(","):
-        cfg = CONFIGS[name.strip()]
+        cfg = _default_model() if name.strip() == "shipped" else CONFIGS[name.strip()]
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             for prec in args.precisions.split(","):
                 for cl in args.channels_last.split(","):

@@ -512,11 +512,15 @@ def atomic_write(data: bytes, path: str | os.PathLike) -> None:
 
     The temporary file is hidden and named ``.<name>.<pid>.<random>.part``: never an image a later
     run would pick up, and removable by :func:`remove_stale_temp_files` once its process is gone.
+    The file gets the permissions a plain ``open(path, "wb")`` would give (``0o666`` less the umask),
+    not ``mkstemp``'s owner-only ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -526,6 +530,12 @@ def atomic_write(data: bytes, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

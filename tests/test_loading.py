@@ -45,14 +45,21 @@ try:
 except FeatdeidError as e:
     print(json.dumps({"error": type(e).__name__, "message": str(e)}))
     sys.exit(0)
-x = load_file(spec["inputs"])
+if spec["inputs"]:
+    x = load_file(spec["inputs"])
+else:  # inputs of the loaded model's own size (the packaged default)
+    torch.manual_seed(0)
+    s, d = model.config.image_size, model.config.feature_dim
+    x = {"cover": torch.rand(1, 3, s, s), "feature": torch.nn.functional.normalize(torch.randn(1, d), dim=1)}
 with torch.no_grad():
-    save_file({"out": model(x["cover"], x["feature"])}, spec["output"])
+    out = model(x["cover"], x["feature"])
+save_file({"out": out}, spec["output"])
 default = default_model_path()
 print(json.dumps({
     "identities": int(model.identity_bank.shape[0]),
     "training": model.training,
     "default": None if default is None else str(default),
+    "max_change": float((out - x["cover"]).abs().max()),
 }))
 """
 
@@ -130,9 +137,10 @@ def cache(work: Path) -> Path:
 
 
 def run_load(
-    work: Path, endpoint: str, cache: Path, *args: object, offline: bool = False, **kwargs: object
+    work: Path, endpoint: str, cache: Path, *args: object, offline: bool = False, own_inputs: bool = False, **kwargs: object
 ) -> tuple[dict, torch.Tensor | None]:
-    """``load(*args, **kwargs)`` in a fresh interpreter; returns its JSON report and the outputs."""
+    """``load(*args, **kwargs)`` in a fresh interpreter; returns its JSON report and the outputs
+    (on the module's test inputs, or with ``own_inputs`` on random inputs of the loaded model's size)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_", "HUGGINGFACE_"))}
     env = {k: v for k, v in env.items() if not k.lower().endswith("_proxy")}
     env |= {
@@ -148,7 +156,7 @@ def run_load(
         env["HF_HUB_OFFLINE"] = "1"
     output = work / "output.safetensors"
     output.unlink(missing_ok=True)
-    spec = {"args": args, "kwargs": kwargs, "inputs": str(work / "inputs.safetensors"), "output": str(output)}
+    spec = {"args": args, "kwargs": kwargs, "inputs": None if own_inputs else str(work / "inputs.safetensors"), "output": str(output)}
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER, json.dumps(spec)],
         cwd=REPO_ROOT,
@@ -267,7 +275,7 @@ def test_local_files_only_argument(downloaded: dict, work: Path, hub: HubServer,
 
 
 def test_default_model(work: Path, tmp_path: Path) -> None:
-    report, _ = run_load(work, "http://127.0.0.1:9", tmp_path, offline=True)
+    report, _ = run_load(work, "http://127.0.0.1:9", tmp_path, offline=True, own_inputs=True)
     if default_model_path() is None:
         assert report["error"] == "ModelNotFoundError"
         assert "no default model" in report["message"].lower()
@@ -275,6 +283,7 @@ def test_default_model(work: Path, tmp_path: Path) -> None:
     else:
         assert "error" not in report, report
         assert report["identities"] > 0 and report["default"] == str(default_model_path())
+        assert report["max_change"] > 0.01  # a trained model, not an identity map
 
 
 def test_local_folder(models: dict, inputs: dict) -> None:

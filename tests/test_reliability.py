@@ -703,6 +703,12 @@ def test_temp_files_and_atomic_write(tmp_path):
     target = tmp_path / "x" / "out.jpg"
     images.atomic_write(b"data", target)
     assert target.read_bytes() == b"data" and [p.name for p in target.parent.iterdir()] == ["out.jpg"]
+    old = os.umask(0o027)
+    try:
+        images.atomic_write(b"data", target)  # permissions as open() gives them, not mkstemp's 0o600
+        assert target.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
 
     with pytest.raises(TypeError):
         images.atomic_write(12345, target)  # type: ignore[arg-type]  # fails mid-write

@@ -1,0 +1,108 @@
+"""The default model shipped in the package: its files, the Hub copy, offline use from the command
+line, and that it really changes identity on real group photos (dlib, a recogniser it never saw)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+
+import featdeid
+from featdeid.loading import default_model_path
+
+from conftest import require_asset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HUB_COPY = REPO_ROOT / "hub" / "featdeid-default"
+FILES = ("config.json", "model.safetensors", "README.md")
+
+
+@pytest.fixture(scope="module")
+def folder() -> Path:
+    path = default_model_path()
+    assert path is not None, "featdeid/default_model/ is missing from the package"
+    return path
+
+
+def test_files_and_size(folder: Path) -> None:
+    for name in FILES:
+        assert (folder / name).is_file(), name
+    size = sum((folder / n).stat().st_size for n in FILES)
+    assert size <= 25 * 2**20, f"{size / 2**20:.1f} MiB"
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k != "identity_bank"}
+        bank = f.get_slice("identity_bank").get_shape()
+        assert f.get_slice("identity_bank").get_dtype() == "F32"  # features stay exact; the network is half
+    assert dtypes == {"F16"}, dtypes
+    assert bank[0] >= 1000 and bank[1] == 512
+    config = json.loads((folder / "config.json").read_text())
+    assert config["recogniser"] == "onnx:faceplugin_fr_feature/fr_feature.onnx"
+    assert 0 < config["default_strength"] <= 4
+
+
+def test_hub_copy_matches_and_card_has_metadata(folder: Path) -> None:
+    for name in FILES:
+        assert (HUB_COPY / name).read_bytes() == (folder / name).read_bytes(), f"hub copy of {name} differs"
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "featdeid" and meta["license"] == "cc-by-nc-4.0"
+    assert meta["datasets"] and "face-de-identification" in meta["tags"]
+    for needle in ("non-commercial", "dlib", "mobilefacenet", "ASR", "Rank", "strength", "fr_feature"):
+        assert needle.lower() in text.lower(), needle
+    sweep = json.loads((HUB_COPY / "sweep.json").read_text())
+    assert sweep["chosen"] == json.loads((folder / "config.json").read_text())["default_strength"]
+    assert (HUB_COPY / "sweep.png").stat().st_size > 10_000
+
+
+def test_default_is_the_packaged_model(folder: Path) -> None:
+    model = featdeid.load()
+    assert model.config.default_strength == json.loads((folder / "config.json").read_text())["default_strength"]
+    assert not model.training and model.identity_bank.dtype == torch.float32
+
+
+def _faces(image: np.ndarray, landmarks: np.ndarray, rec) -> torch.Tensor:
+    from featdeid.faces.align import align
+
+    frames, _ = align(image, 256, faces=landmarks)
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(rec.embed(frames).float(), dim=1)
+
+
+def test_offline_cli_changes_identity_of_every_face_of_a_group_photo(tmp_path: Path) -> None:
+    """``featdeid photo.jpg -o out/`` with no network: every face found is changed, and both black-box
+    recognisers (never used in training) see every face move away from the original identity.
+
+    Measured on the five bbt40 group photos when this model was shipped: dlib cos(original, output)
+    0.886-0.950 per face (its LFW threshold is 0.905), MobileFaceNet 0.317-0.605 (threshold 0.277);
+    an unchanged face gives 1.0. The bounds below guard that level; they are not the 90 % ASR target.
+    """
+    from featdeid.faces.detect import get_detector
+    from featdeid.recognisers import load_recogniser
+
+    photo = require_asset("faces", "bbt40", "group_photos", "bbt4.jpg")
+    mfn = require_asset("weights", "xiaoccer_mobilefacenet", "068.ckpt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = tmp_path / "out"
+    cli = Path(sys.executable).with_name("featdeid")
+    r = subprocess.run([str(cli), str(photo), "-o", str(out), "--report", str(tmp_path / "r.json")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    entry = json.loads((tmp_path / "r.json").read_text())["files"][0]
+    assert entry["faces"] == 6 and entry["changed"] == 6 and not entry.get("skipped")
+    original = np.asarray(Image.open(photo).convert("RGB"))
+    result = np.asarray(Image.open(out / photo.name).convert("RGB"))
+    landmarks = np.stack([f.landmarks for f in get_detector("dlib").detect(original)])
+    for spec, worst, mean in (("dlib", 0.97, 0.94), (f"mobilefacenet:{mfn}", 0.7, 0.55)):
+        rec = load_recogniser(spec)
+        cos = (_faces(original, landmarks, rec) * _faces(result, landmarks, rec)).sum(1)
+        assert (cos < worst).all() and cos.mean() < mean, (spec, cos.tolist())

@@ -49,10 +49,10 @@ model_name: featdeid {cfg.name}
 def results_table(results: dict[str, Any]) -> str:
     """Quality and per-evaluator ASR / Rank-1 / Rank-5 of every method in a ``featdeid eval`` report."""
     evs = results["evaluators"]
-    head = "| method | PSNR | SSIM | LPIPS(alex) | " + " | ".join(
+    head = "| method | genuine pairs | PSNR | SSIM | LPIPS(alex) | " + " | ".join(
         f"{e['name']} ({e['role']}) ASR % / Rank-1 % / Rank-5 %" for e in evs) + " |"
-    rows = [head, "|---|---:|---:|---:|" + "---:|" * len(evs)]
-    orig = "| originals | ∞ | 1.000 | 0.000 | " + " | ".join(
+    rows = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(evs)]
+    orig = "| originals | 3000 | ∞ | 1.000 | 0.000 | " + " | ".join(
         f"{_pct(e['asr_original'])} / {_pct(e.get('rank1_original'))} / {_pct(e.get('rank5_original'))}" for e in evs) + " |"
     rows.append(orig)
     for m in results["methods"]:
@@ -61,7 +61,8 @@ def results_table(results: dict[str, Any]) -> str:
         for e in evs:
             r = m["evaluators"].get(e["name"], {})
             cells.append(f"{_pct(r.get('asr'))} / {_pct(r.get('rank1'))} / {_pct(r.get('rank5'))}")
-        rows.append(f"| {m['label']} (`{m['name']}`) | {q['psnr']:.2f} | {q['ssim']:.3f} | {q['lpips']:.4f} | " + " | ".join(cells) + " |")
+        pairs = next((r.get("pairs") for r in m["evaluators"].values() if r.get("pairs")), "–")
+        rows.append(f"| {m['label']} (`{m['name']}`) | {pairs} | {q['psnr']:.2f} | {q['ssim']:.3f} | {q['lpips']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -142,8 +143,8 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         "| strength | PSNR dB | SSIM | LPIPS(alex) | EN cos(C, D) |\n|---:|---:|---:|---:|---:|\n" + sweep_rows + "\n",
         "![strength sweep on the validation covers](sweep.png)\n",
         "## Results: LFW, full protocol (`featdeid eval --set lfw`)\n",
-        "6,000 pairs (10 folds); thresholds set for best accuracy on the original pairs; ASR = share of the 3,000 "
-        "genuine pairs (D₁, I₂) judged different. 1:N: 200 persons × 3 images, all six combinations. dlib and "
+        "6,000 pairs (10 folds); thresholds set for best accuracy on the original pairs; ASR = share of the "
+        "genuine pairs (D₁, I₂) judged different (all 3,000, or 1,000 spread over the folds where the table says so). 1:N: 200 persons × 3 images, all six combinations. dlib and "
         "MobileFaceNet (xiaoccer) are black-box evaluators never used in training; the EN row is white-box. "
         "Quality: between C and D on the 256×256 aligned face frame.\n",
         results_table(results) + "\n",

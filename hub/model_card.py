@@ -104,8 +104,8 @@ def summary(results: dict[str, Any], name: str) -> str:
 def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any], celeba: dict[str, Any] | None) -> str:
     model_cfg = json.loads((folder / "config.json").read_text())
     strength = model_cfg.get("default_strength", 1.0)
-    best = json.loads((REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json").read_text()) \
-        if (REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json").is_file() else {}
+    best_json = REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json"
+    best = json.loads(best_json.read_text()) if best_json.is_file() else {}
     w = cfg.losses.weights
     sweep_rows = "\n".join(
         f"| {r['strength']:g} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['lpips']:.4f} | {r['whitebox_cos']:+.3f} |" for r in sweep["rows"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,6 +122,7 @@ def plot(rows: list[dict[str, float]], chosen: float | None, path: Path, targets
 
 def main(argv: list[str] | None = None) -> int:
     from featdeid.errors import ConfigError
+    from featdeid.evaluation.metrics import default_lpips_weights
     from featdeid.images import atomic_write
     from training.config import load_config
     from training.experiment import build_recogniser
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         strengths = sorted(float(x) for x in args.strengths.split(",") if x.strip())
-        lpw = args.lpips_weights or Path(os.environ.get("FEATDEID_ASSETS", "../shared/assets")) / "weights" / "imagenet_alexnet"
+        lpw = args.lpips_weights or default_lpips_weights()
         frames, keys = validation_frames(cfg, limit=args.limit)
         rows = sweep(args.model, frames, keys, build_recogniser(cfg), strengths, lpw)
     except ConfigError as e:

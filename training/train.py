@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from featdeid.errors import ConfigError
 from featdeid.faces.paste import apply_mask
-from featdeid.model import HidingNetwork
+from featdeid.model import IDENTITY_BANK_KEY, HidingNetwork
 from training.augment import en_view
 from training.config import TrainConfig, config_to_dict, load_config
 from training.data import EpochShuffleSampler
@@ -115,7 +115,9 @@ def init_weights(model: HidingNetwork, folder: str | Path) -> None:
     same = dataclasses.replace(source.config, recogniser=model.config.recogniser, default_strength=model.config.default_strength)
     if same != model.config:
         raise ConfigError(f"run.init_from {folder}: its model config {source.config} differs from this run's {model.config}")
-    model.load_state_dict(source.state_dict())
+    state = source.state_dict()
+    state[IDENTITY_BANK_KEY] = model.state_dict()[IDENTITY_BANK_KEY]  # weights only: an exported folder's bank is not trained
+    model.load_state_dict(state)
 
 
 def resolve_resume(path: str | Path) -> Path:

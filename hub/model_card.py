@@ -17,6 +17,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+REPO_PLACEHOLDER = "OWNER/featdeid-default"  # hub/publish.py puts the real repo id here in the uploaded copy
 ATTACKS = ("median5", "gauss5", "jpeg10", "bits3", "webp50", "resize0.5")
 
 
@@ -118,7 +119,7 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         "person, while the photo still looks the same to people. It is the model `featdeid.load()` returns "
         "with no argument (shipped inside the `featdeid` package; no network needed).\n",
         "```python\nimport featdeid\nout = featdeid.deidentify(\"photo.jpg\")          # the packaged copy of this model\n"
-        "model = featdeid.load(\"OWNER/featdeid-default\")  # this repo\n```\n",
+        f"model = featdeid.load(\"{REPO_PLACEHOLDER}\")  # this repo\n```\n",
         "## Model\n",
         f"- U-Net hiding network, {model_cfg['image_size']}×{model_cfg['image_size']} input, base width "
         f"{model_cfg['base_channels']}, channel multipliers {model_cfg['channel_mults']}; applied to larger faces by "

@@ -4,7 +4,8 @@
 
 The folder is loaded with featdeid first (safetensors only, config validated, non-empty identity
 bank), then ``config.json``, ``model.safetensors`` and ``README.md`` (plus the card's ``sweep.json`` and PNG
-plots when present) are uploaded in one commit.
+plots when present) are uploaded in one commit. The card's placeholder repo id ``OWNER/featdeid-default``
+(written by ``hub/model_card.py``) is replaced by ``--repo-id`` in the uploaded copy; the folder is not changed.
 The token comes from ``--token`` or ``HF_TOKEN``; ``HF_ENDPOINT`` selects the Hub.
 """
 
@@ -12,8 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from model_card import REPO_PLACEHOLDER  # hub/ is the script's folder, first on sys.path
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, HfApi
 
 FILES = ("config.json", "model.safetensors", "README.md")
 EXTRAS = ("sweep.json", "*.png")  # measurements shown by the card, uploaded when present
@@ -50,6 +59,17 @@ def validate(folder: Path) -> str:
     return model.describe()
 
 
+def stage(folder: Path, repo_id: str, into: Path) -> Path:
+    """Copy the files to upload from ``folder`` into ``into``, with the card's placeholder repo id
+    replaced by ``repo_id``; returns ``into``."""
+    names = {p.name for pattern in (*FILES, *EXTRAS) for p in folder.glob(pattern) if p.is_file()}
+    for name in sorted(names):
+        shutil.copy2(folder / name, into / name)
+    card = into / "README.md"
+    card.write_text(card.read_text(encoding="utf-8").replace(REPO_PLACEHOLDER, repo_id), encoding="utf-8")
+    return into
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if str(REPO_ROOT) not in sys.path:
@@ -68,13 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         raise SystemExit("error: a Hub write token is required: pass --token or set HF_TOKEN")
     api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="featdeid-publish-") as tmp:
+        staged = stage(args.folder, args.repo_id, Path(tmp))
+        info = _upload(api, args, staged, description)
+    print(f"published {args.folder} to {args.repo_id} at commit {info.oid}: {info.commit_url}")
+    print(f"load it with featdeid.load({args.repo_id!r}, revision={info.oid!r})")
+    return 0
+
+
+def _upload(api: "HfApi", args: argparse.Namespace, folder: Path, description: str) -> "CommitInfo":
     try:
         api.create_repo(args.repo_id, repo_type="model", private=args.private or None, exist_ok=True)
         if args.revision and args.revision != "main":
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
         info = api.upload_folder(
             repo_id=args.repo_id,
-            folder_path=args.folder,
+            folder_path=folder,
             revision=args.revision,
             allow_patterns=[*FILES, *EXTRAS],
             commit_message=args.message or "Upload featdeid model",
@@ -83,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
         raise SystemExit(f"error: publishing to {api.endpoint} failed: {type(e).__name__}: {e}{cause}") from e
-    print(f"published {args.folder} to {args.repo_id} at commit {info.oid}: {info.commit_url}")
-    print(f"load it with featdeid.load({args.repo_id!r}, revision={info.oid!r})")
-    return 0
+    return info
 
 
 if __name__ == "__main__":

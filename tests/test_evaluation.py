@@ -400,6 +400,40 @@ def test_dlib_worker_process_gives_the_same_embeddings():
     assert a.shape == (3, 128) and remote.count == 3 and remote.busy_s > 0
 
 
+def test_worker_exits_when_its_parent_is_killed(tmp_path):
+    """A killed ``featdeid eval`` (SIGKILL: no cleanup) must not leave its dlib worker running."""
+    import signal
+    import time
+
+    script = (
+        "import numpy as np, sys, time\n"
+        "from featdeid.evaluation.evaluators import Evaluator\n"
+        "ev = Evaluator('dlib', workers=1)\n"
+        "ev.embed(np.zeros((1, 3, 150, 150), np.uint8))\n"
+        "print(*ev._pool._processes, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(w) for w in proc.stdout.readline().split()]
+        assert len(workers) == 1
+        os.kill(workers[0], 0)  # alive while the parent is
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(workers[0], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(workers[0], signal.SIGKILL)
+            pytest.fail("the dlib worker outlived its killed parent")
+    finally:
+        proc.kill()
+
+
 def test_bench_times_datasets_map_and_the_adversarial_baseline(tmp_path, random_model):
     pytest.importorskip("datasets")
     from featdeid.bench import main as bench_main

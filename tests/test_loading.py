@@ -399,11 +399,16 @@ def test_publish_roundtrip(work: Path, hub: HubServer, models: dict, tmp_path: P
     for name in ("config.json", "model.safetensors", "README.md"):
         (folder / name).write_bytes((models["v1"][0] / name).read_bytes())
     (folder / "optimizer.bin").write_bytes(b"not for the Hub")
+    card = 'model = featdeid.load("OWNER/featdeid-default")  # this repo\n'
+    (folder / "README.md").write_text(card)
     proc = run_publish(work, str(folder), "--repo-id", repo, "--token", "hf_test", endpoint=hub.endpoint)
     assert proc.returncode == 0, proc.stderr
     commit = hub.refs[repo]["main"]
     assert commit in proc.stdout
-    assert sorted(hub.files(repo, commit)) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+    files = hub.files(repo, commit)
+    assert sorted(files) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+    assert files["README.md"].decode() == f'model = featdeid.load("{repo}")  # this repo\n'
+    assert (folder / "README.md").read_text() == card
     report, out = hub_load(work, hub, tmp_path / "cache", repo, revision=commit)
     assert "error" not in report, report
     assert out is not None and torch.equal(out, models["v1"][1])

@@ -92,8 +92,19 @@ def embed_u8(rec: Any, frames_u8: np.ndarray, batch_size: int = 32) -> np.ndarra
 _WORKER_REC: Any = None
 
 
-def _worker_init(spec: str) -> None:
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Exit this worker once ``parent`` is gone (killed parents leave ProcessPool workers behind)."""
+    while True:
+        time.sleep(every_s)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _worker_init(spec: str, parent: int) -> None:
     global _WORKER_REC
+    import threading
+
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="featdeid-parent-watch").start()
     torch.set_num_threads(1)
     from ..recognisers import load_recogniser
 
@@ -149,7 +160,7 @@ class Evaluator:
         self.wait_s = 0.0
         if workers > 0 and not self.differentiable:
             self.workers = int(workers)
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(spec,))
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(spec, os.getpid()))
         self.max_pending = max_pending * max(1, self.workers)
 
     @property

@@ -4,7 +4,10 @@
         --eval EVAL/results.json [BASELINES/results.json ...] [--eval-celeba CELEBA/results.json] [--output OUT.md]
 
 Every number in the card is read from the files given: ``sweep.json`` of ``training/select_strength.py``
-(validation covers) and ``results.json`` of ``featdeid eval`` (test sets). Nothing is typed in by hand.
+(validation covers), ``results.json`` of ``featdeid eval`` (test sets) and the exported checkpoint's
+``best.json`` (``FOLDER/checkpoint.json``, else the training run's ``best/best.json``). Nothing is typed in
+by hand. The Hub folder keeps these files (``sweep.json``, ``eval_lfw.json``, ``eval_celeba.json``,
+``checkpoint.json``) beside the card, so the card can be rebuilt from them and checked.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def results_table(results: dict[str, Any]) -> str:
     head = "| method | genuine pairs | PSNR | SSIM | LPIPS(alex) | " + " | ".join(
         f"{e['name']} ({e['role']}) ASR % / Rank-1 % / Rank-5 %" for e in evs) + " |"
     rows = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(evs)]
-    orig = "| originals | 3000 | ∞ | 1.000 | 0.000 | " + " | ".join(
+    orig = f"| originals | {results['set']['genuine_pairs']} | ∞ | 1.000 | 0.000 | " + " | ".join(
         f"{_pct(e['asr_original'])} / {_pct(e.get('rank1_original'))} / {_pct(e.get('rank5_original'))}" for e in evs) + " |"
     rows.append(orig)
     for m in results["methods"]:
@@ -105,7 +108,9 @@ def summary(results: dict[str, Any], name: str) -> str:
 def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any], celeba: dict[str, Any] | None) -> str:
     model_cfg = json.loads((folder / "config.json").read_text())
     strength = model_cfg.get("default_strength", 1.0)
-    best_json = REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json"
+    best_json = folder / "checkpoint.json"  # the exported checkpoint's best.json, kept beside the card
+    if not best_json.is_file():
+        best_json = REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json"
     best = json.loads(best_json.read_text()) if best_json.is_file() else {}
     w = cfg.losses.weights
     sweep_rows = "\n".join(
@@ -156,7 +161,17 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         *(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in sorted(folder.glob("lfw_*.png"))),
     ]
     if celeba is not None:
-        parts += ["## Results: CelebA in-the-wild photos (`featdeid eval --set celeba`)\n", results_table(celeba) + "\n"]
+        st = celeba["set"]
+        gone = ", ".join(f"{m['name']} {m.get('not_redetected', 0)}" for m in celeba["methods"])
+        parts += [
+            "## Results: CelebA in-the-wild photos (`featdeid eval --set celeba`)\n",
+            f"{st['images']} unaligned photos of {st['identities']} people, each de-identified whole (detect, align, "
+            "de-identify, paste back), then re-detected, aligned and embedded; a face no longer detected counts as protected "
+            f"(per method: {gone}). dlib found the subject in {st['detected']} originals; all ordered genuine pairs "
+            f"(Dᵢ, Iⱼ) of those, thresholds from the originals' pairs; 1:N over the {st['onen_sets']} photos of each person "
+            "as sets. Quality: on the 256×256 frame at the original's landmarks.\n",
+            results_table(celeba) + "\n",
+        ]
     parts += [
         "## Intended use and limits\n",
         "- For reducing automatic face matching of people in photos you publish or share, as one layer of protection. "

@@ -3,8 +3,8 @@
     python hub/publish.py MODEL_FOLDER --repo-id owner/name [--revision BRANCH] [--private] [--token TOKEN]
 
 The folder is loaded with featdeid first (safetensors only, config validated, non-empty identity
-bank), then ``config.json``, ``model.safetensors`` and ``README.md`` (plus the card's ``sweep.json`` and PNG
-plots when present) are uploaded in one commit. The card's placeholder repo id ``OWNER/featdeid-default``
+bank), then ``config.json``, ``model.safetensors`` and ``README.md`` (plus the measurements the card is
+built from and its PNG plots, when present) are uploaded in one commit. The card's placeholder repo id ``OWNER/featdeid-default``
 (written by ``hub/model_card.py``) is replaced by ``--repo-id`` in the uploaded copy; the folder is not changed.
 The token comes from ``--token`` or ``HF_TOKEN``; ``HF_ENDPOINT`` selects the Hub.
 """
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, HfApi
 
 FILES = ("config.json", "model.safetensors", "README.md")
-EXTRAS = ("sweep.json", "*.png")  # measurements shown by the card, uploaded when present
+EXTRAS = ("sweep.json", "eval_*.json", "checkpoint.json", "*.png")  # the card's measurements, uploaded when present
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

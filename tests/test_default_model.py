@@ -64,6 +64,26 @@ def test_hub_copy_matches_and_card_has_metadata(folder: Path) -> None:
     assert (HUB_COPY / "sweep.png").stat().st_size > 10_000
 
 
+def test_card_is_rebuilt_from_its_measurements(tmp_path: Path) -> None:
+    """Every number of the card comes from the measurement files kept beside it (nothing typed in)."""
+    out = tmp_path / "README.md"
+    cmd = [
+        sys.executable, str(REPO_ROOT / "hub" / "model_card.py"), str(HUB_COPY),
+        "--config", str(REPO_ROOT / "training" / "configs" / "default_cpu_ft.yaml"),
+        "--sweep", str(HUB_COPY / "sweep.json"), "--eval", str(HUB_COPY / "eval_lfw.json"),
+        "--eval-celeba", str(HUB_COPY / "eval_celeba.json"), "--output", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == (HUB_COPY / "README.md").read_text()
+    lfw = json.loads((HUB_COPY / "eval_lfw.json").read_text())
+    default = f"featdeid@{json.loads((HUB_COPY / 'config.json').read_text())['default_strength']:g}"
+    method = next(m for m in lfw["methods"] if m["name"] == default)
+    assert f"{method['quality']['psnr']:.2f}" in out.read_text()
+    for png in HUB_COPY.glob("lfw_*.png"):
+        assert f"]({png.name})" in out.read_text()
+
+
 def test_default_is_the_packaged_model(folder: Path) -> None:
     model = featdeid.load()
     assert model.config.default_strength == json.loads((folder / "config.json").read_text())["default_strength"]

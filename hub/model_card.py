@@ -85,11 +85,48 @@ def robustness_table(results: dict[str, Any], method: str) -> str:
     return "\n".join(rows)
 
 
+def robustness_falls(results: dict[str, Any]) -> str:
+    """Per method with robustness figures: ASR without attack and its largest fall over the suite, per evaluator."""
+    evs = results["evaluators"]
+    rows = ["| method | genuine pairs | " + " | ".join(f"{e['name']} ({e['role']}) ASR % / largest fall (points)" for e in evs) + " |",
+            "|---|---:|" + "---:|" * len(evs)]
+    for m in results["methods"]:
+        cells, pairs = [], None
+        for e in evs:
+            r = m["evaluators"].get(e["name"], {})
+            rob = r.get("robustness")
+            if not rob:
+                cells.append("–")
+                continue
+            pairs = r.get("robustness_pairs", pairs)
+            drop = max(100 * (rob["none"] - rob[a]) for a in ATTACKS if a in rob)
+            cells.append(f"{_pct(rob['none'])} / {drop:+.1f}")
+        if any(c != "–" for c in cells):
+            rows.append(f"| {m['label']} (`{m['name']}`) | {pairs or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report with the methods of all (first occurrence of a name wins); evaluators of the first."""
+    """One report with the methods of all (first occurrence of a name wins); evaluators of the first.
+
+    Robustness figures of reports written before ``robustness_pairs`` was recorded per evaluator get it
+    from their own report's ``--robustness-pairs`` (none: all the method's genuine pairs).
+    """
     out = dict(reports[0])
     seen: set[str] = set()
-    out["methods"] = [m for r in reports for m in r["methods"] if not (m["name"] in seen or seen.add(m["name"]))]
+    out["methods"] = []
+    for r in reports:
+        n_rob = r.get("config", {}).get("robustness_pairs")
+        for m in r["methods"]:
+            if m["name"] in seen:
+                continue
+            seen.add(m["name"])
+            evs = {}
+            for name, e in m["evaluators"].items():
+                if e.get("robustness") and "robustness_pairs" not in e:
+                    e = {**e, "robustness_pairs": min(n_rob, e["pairs"]) if n_rob else e["pairs"]}
+                evs[name] = e
+            out["methods"].append({**m, "evaluators": evs})
     return out
 
 
@@ -158,6 +195,12 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         f"Robustness of `{default_name}` (ASR % after processing D; paper Table 8 plus WebP and 0.5× rescale):\n",
         robustness_table(results, default_name) + "\n",
         "A negative largest fall means ASR rose under every attack.\n",
+        "All methods measured under the same attacks (ASR % without attack, then the largest fall in points over "
+        f"{', '.join(ATTACKS)}):\n",
+        robustness_falls(results) + "\n",
+        *([f"The adversarial baselines (`adv@…`, MI-FGSM) are optimised against `{adv[0].get('target')}`, the white-box EN: "
+           "its column is white-box for them too; dlib and MobileFaceNet show how far they transfer.\n"]
+          if (adv := [m for m in results["methods"] if m.get("family") == "adv"]) else []),
         *(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in sorted(folder.glob("lfw_*.png"))),
     ]
     if celeba is not None:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=4, help="faces shown in the difference plot")
     p.add_argument("--cache-dir", default=None, help="cache of landmarks, frames and embeddings (default ~/.cache/featdeid/eval)")
     p.add_argument("--lpips-weights", default=None, help="folder with alexnet_features.safetensors + lpips_v0.1_alex_lin.safetensors (default: from --assets, else download)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs minus worker processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs minus worker processes; all CPUs while an adversarial method runs)")
     p.add_argument("--workers", type=int, default=None, help="worker processes for dlib (default 1 with >= 2 CPUs; 0 = in this process)")
     p.add_argument("--resume", action="store_true", help="reuse methods already reported in OUT with the same settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

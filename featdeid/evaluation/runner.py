@@ -527,10 +527,18 @@ class Run:
         t0 = time.perf_counter()
         need = np.union1d(self.a_unique, ds.onen.ravel())
         need = need[ds.usable[need]]
-        if ds.mode == "frames":
-            d_emb, att_emb, q, examples, extra = self._run_frames(m, need, timer)
-        else:
-            d_emb, att_emb, q, examples, extra = self._run_photos(m, need, timer)
+        threads = torch.get_num_threads()
+        if m.needs_grad and not self.cfg.threads:
+            # gradient methods spend most of their time in torch while the dlib worker idles
+            torch.set_num_threads(max(threads, os.cpu_count() or 1))
+        used_threads = torch.get_num_threads()
+        try:
+            if ds.mode == "frames":
+                d_emb, att_emb, q, examples, extra = self._run_frames(m, need, timer)
+            else:
+                d_emb, att_emb, q, examples, extra = self._run_photos(m, need, timer)
+        finally:
+            torch.set_num_threads(threads)
         pos = {int(k): j for j, k in enumerate(need)}
         gen = self.gen_eval
         a_rows = [pos[int(a)] for a in ds.pair_a[gen]]
@@ -557,6 +565,7 @@ class Run:
                 if att_emb:
                     s0 = cosine_scores(d_emb[ev.name][[pos[int(a)] for a in ds.pair_a[rob_gen]]], self.orig[ev.name][ds.pair_b[rob_gen]])
                     r["robustness"] = {"none": attack_success_ratio(np.nan_to_num(s0, nan=-2.0), thr)}
+                    r["robustness_pairs"] = int(len(s0))
                     for name in self.attacks:
                         emb = att_emb[ev.name][name]
                         sa = cosine_scores(emb[[a_pos[int(a)] for a in ds.pair_a[rob_gen]]], self.orig[ev.name][ds.pair_b[rob_gen]])
@@ -577,6 +586,7 @@ class Run:
         return {
             **m.describe(),
             "images": int(len(need)),
+            "torch_threads": used_threads,
             "quality": q,
             "evaluators": per_ev,
             "timings": timings,

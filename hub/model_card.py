@@ -70,6 +70,11 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _largest_fall(rob: dict[str, float]) -> float:
+    """Largest ASR fall in points from no attack to any attack of the suite (negative: ASR rose under all)."""
+    return max(100 * (rob["none"] - rob[a]) for a in ATTACKS if a in rob)
+
+
 def robustness_table(results: dict[str, Any], method: str) -> str:
     """ASR % of one method under each attack, per evaluator."""
     m = next((x for x in results["methods"] if x["name"] == method), None)
@@ -80,8 +85,8 @@ def robustness_table(results: dict[str, Any], method: str) -> str:
         rob = m["evaluators"].get(e["name"], {}).get("robustness")
         if not rob:
             continue
-        drop = max(100 * (rob["none"] - rob[a]) for a in ATTACKS if a in rob)
-        rows.append(f"| {e['name']} ({e['role']}) | {_pct(rob['none'])} | " + " | ".join(_pct(rob.get(a)) for a in ATTACKS) + f" | {drop:+.1f} |")
+        rows.append(f"| {e['name']} ({e['role']}) | {_pct(rob['none'])} | " + " | ".join(_pct(rob.get(a)) for a in ATTACKS)
+                    + f" | {_largest_fall(rob):+.1f} |")
     return "\n".join(rows)
 
 
@@ -99,8 +104,7 @@ def robustness_falls(results: dict[str, Any]) -> str:
                 cells.append("–")
                 continue
             pairs = r.get("robustness_pairs", pairs)
-            drop = max(100 * (rob["none"] - rob[a]) for a in ATTACKS if a in rob)
-            cells.append(f"{_pct(rob['none'])} / {drop:+.1f}")
+            cells.append(f"{_pct(rob['none'])} / {_largest_fall(rob):+.1f}")
         if any(c != "–" for c in cells):
             rows.append(f"| {m['label']} (`{m['name']}`) | {pairs or '–'} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -307,6 +307,10 @@ def test_featdeid_eval_cli_end_to_end_writes_report(tmp_path, random_model, eval
         "--cache-dir", str(eval_cache), "--examples", "2", "--workers", "0", "-q",
     ]  # fmt: skip
     assert main(argv) == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("results.json", "report.md"):  # written like any output file, not mkstemp's owner-only 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     res = json.loads((out / "results.json").read_text())
     names = [m["name"] for m in res["methods"]]
     assert names == ["featdeid@1", "blur@4", "mask", "adv@4x2", "featdeid@0.5"]

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelNotFoundError
+from ..images import atomic_write
 
 # Fixed fallback alignment for 150 x 150 LFW deep-funneled crops (pixels; eye centres, nose tip,
 # mouth corners, image left to right): the median of dlib's 5 points over the 7,629 of the 7,701
@@ -52,18 +53,6 @@ LFW_FALLBACK_LANDMARKS = np.array(
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FEATDEID_CACHE", Path.home() / ".cache" / "featdeid" / "eval")).expanduser()
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_npy(arr: np.ndarray, path: Path) -> None:
@@ -346,7 +335,7 @@ class LandmarkCache:
 
     def save(self) -> None:
         if self.dirty:
-            _atomic_write_bytes(json.dumps(self.data).encode(), self.path)
+            atomic_write(json.dumps(self.data).encode(), self.path)
             self.dirty = False
 
 

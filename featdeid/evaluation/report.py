@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..images import atomic_write
 
 
 def _clean(o: Any) -> Any:
@@ -40,14 +40,6 @@ def _clean(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return o
-
-
-def _write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _pct(x: Any) -> str:
@@ -340,8 +332,8 @@ def write_report(results: dict[str, Any], out: Path, examples_dir: Path | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean = _clean(results)
-    _write_text(json.dumps(clean, indent=1) + "\n", out / "results.json")
-    _write_text(markdown(clean), out / "report.md")
+    atomic_write((json.dumps(clean, indent=1) + "\n").encode(), out / "results.json")
+    atomic_write(markdown(clean).encode(), out / "report.md")
     files = {"json": out / "results.json", "markdown": out / "report.md"}
     if plots_too:
         for p in plots(clean, out, examples_dir):

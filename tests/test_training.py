@@ -31,6 +31,7 @@ from training.losses import (  # noqa: E402
     LOSS_NAMES,
     DeidLoss,
     LossConfig,
+    budget_loss,
     build_lpips,
     check_weights,
     far_loss,
@@ -48,6 +49,7 @@ LIN = ("weights", "imagenet_vgg16", "lpips_v0.1_vgg_lin.safetensors")
 EN = ("weights", "faceplugin_fr_feature", "fr_feature.onnx")
 COVERS = ("faces", "utkface_5k", "images")
 FAKES = ("faces", "gan_generatedphotos_2k", "images")
+MID_LAYERS = ("net.Add_32", "net.Add_73")
 
 
 def _env() -> dict[str, str]:
@@ -140,8 +142,8 @@ def test_total_loss_is_the_weighted_sum(faces64):
     from featdeid.recognisers import load_recogniser
 
     en = load_recogniser(f"onnx:{require_asset(*EN)}")
-    weights = {"rec": 1.0, "perc": 0.5, "lpips": 2.0, "near": 0.3, "far": 0.7}
-    loss = DeidLoss(_loss_config(weights=weights), en)
+    weights = {"rec": 1.0, "perc": 0.5, "lpips": 2.0, "near": 0.3, "far": 0.7, "mid": 0.4, "budget": 0.6}
+    loss = DeidLoss(_loss_config(weights=weights, mid_layers=MID_LAYERS), en)
     assert loss.shared_vgg
     c, d = faces64[:2], faces64[2:].clone().requires_grad_(True)
     fe = en.embed(faces64[[3, 2]])
@@ -152,13 +154,47 @@ def test_total_loss_is_the_weighted_sum(faces64):
     out["total"].mean().backward()
     assert d.grad is not None and d.grad.abs().sum() > 0
     same = loss(c, c, en.embed(c))
-    for k in ("rec", "perc", "lpips", "near"):
+    for k in ("rec", "perc", "lpips", "near", "budget"):
         assert torch.allclose(same[k], torch.zeros(2), atol=1e-5), k
     assert torch.allclose(same["far"], torch.ones(2), atol=1e-5)
+    assert torch.allclose(same["mid"], torch.ones(2), atol=1e-5)
     vgg = require_asset(*VGG16)
-    separate = DeidLoss(_loss_config(weights=weights, perceptual_weights=f"{vgg.parent}/./{vgg.name}"), en)
+    separate = DeidLoss(
+        _loss_config(weights=weights, perceptual_weights=f"{vgg.parent}/./{vgg.name}", mid_layers=MID_LAYERS), en
+    )
     assert not separate.shared_vgg
     assert torch.allclose(separate(c, d.detach(), fe)["perc"], out["perc"].detach(), atol=1e-4)
+
+
+def test_budget_loss_is_free_inside_the_psnr_budget():
+    c = torch.full((2, 3, 8, 8), 0.5)
+    d = c.clone()
+    d[0] += 0.01  # MSE 1e-4: 40 dB, inside a 30 dB budget
+    d[1] += 0.1  # MSE 1e-2: 20 dB, 10x over the 30 dB budget's 1e-3
+    assert torch.allclose(budget_loss(c, d, 30.0), torch.tensor([0.0, 9.0]), atol=1e-3)
+    with pytest.raises(ConfigError, match="budget_psnr"):
+        LossConfig(budget_psnr=5)
+
+
+def test_mid_loss_sees_c_and_d_through_one_view(faces64):
+    from featdeid.recognisers import load_recogniser
+
+    en = load_recogniser(f"onnx:{require_asset(*EN)}")
+    loss = DeidLoss(_loss_config(weights={"rec": 1.0, "mid": 1.0}, mid_layers=MID_LAYERS), en)
+    cfg = TransferConfig(crop_jitter=True, crop_scale=0.3, crop_shift=0.2, blur=True, blur_p=1.0)
+    gen = torch.Generator().manual_seed(0)
+    c = faces64[:2]
+    same = loss(c, c.clone(), None, en_view=lambda x: en_view(x, cfg, gen))
+    assert torch.allclose(same["mid"], torch.ones(2), atol=1e-5)  # D = C: one view for both, maps stay aligned
+    d = (c + 0.15 * torch.randn_like(c)).clamp(0, 1).requires_grad_(True)
+    moved = loss(c, d, None, en_view=lambda x: en_view(x, cfg, gen))
+    assert (moved["mid"] < 0.99).all()
+    moved["total"].sum().backward()
+    assert d.grad is not None and d.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="net.Add_32"):
+        DeidLoss(_loss_config(weights={"mid": 1.0}, mid_layers=("Add_32",)), en)
+    with pytest.raises(ConfigError, match="mid_layers"):
+        LossConfig(weights={"mid": 1.0})
 
 
 def test_unknown_loss_weight_name_lists_valid_names():
@@ -203,7 +239,10 @@ def test_experiment_configs_load_and_use_allowed_data():
             assert banned not in text, (path, banned)
         cfg = load_config(path)
         w = cfg.losses.weights
-        assert (w["rec"], w["perc"], w["lpips"]) == (1.0, 1.0, 1.0)
+        if w["budget"]:  # quality as a PSNR budget, not the paper's equal-weight trade-off
+            assert w["rec"] == 0 and w["perc"] > 0 and w["lpips"] > 0 and w["mid"] > 0
+        else:
+            assert (w["rec"], w["perc"], w["lpips"]) == (1.0, 1.0, 1.0)
         if path.stem in expected:
             assert (w["near"], w["far"]) == expected[path.stem]
             assert cfg.model.image_size == 256 and cfg.optim.epochs == 150 and cfg.optim.lr == 1e-5

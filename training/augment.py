@@ -1,7 +1,7 @@
 """Differentiable views of D fed to EN, for transfer to unseen recognisers (all off by default).
 
-Each function maps ``(B, 3, S, S)`` to ``(B, 3, S, S)``, draws its randomness from a given
-``torch.Generator`` and keeps gradients flowing to the input.
+Each function maps ``(B, C, S, S)`` to ``(B, C, S, S)`` (any C: the mid loss views D and C stacked),
+draws its randomness from a given ``torch.Generator`` and keeps gradients flowing to the input.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def jpeg_like(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
 
 
 def en_view(x: torch.Tensor, cfg: TransferConfig, gen: torch.Generator) -> torch.Tensor:
-    """Apply the enabled transfer augmentations to D ``(B, 3, S, S)`` before EN."""
+    """Apply the enabled transfer augmentations to D ``(B, C, S, S)`` before EN (per channel alike)."""
     b = x.shape[0]
     if cfg.crop_jitter:
         x = crop_jitter(x, cfg.crop_scale, cfg.crop_shift, gen)

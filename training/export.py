@@ -73,7 +73,7 @@ Hiding network of Hanawa, Ito & Aoki, "Face image de-identification based on fea
   training-split embedding images (`{embed}`, mode `{d.embed_mode}`).
 - Covers: `{_short(d.cover.path)}`; validation fraction {d.val_fraction}, split seed {d.split_seed}.
 - Losses: rec {w['rec']} ({cfg.losses.rec_norm}), perc {w['perc']} ({cfg.losses.perceptual_backbone}), lpips {w['lpips']} (VGG-16),
-  near {w['near']}, far {w['far']} ({cfg.losses.far_mode}).
+  near {w['near']}, far {w['far']} ({cfg.losses.far_mode}){_mid(cfg)}.
 - Optimiser: Adam lr {cfg.optim.lr}, batch {cfg.optim.batch_size} per process, up to {cfg.optim.epochs} epochs,
   mixed precision {cfg.run.mixed_precision}.
 - Selected checkpoint: {json.dumps(info)}
@@ -82,6 +82,11 @@ Hiding network of Hanawa, Ito & Aoki, "Face image de-identification based on fea
 The training photos come with research-only terms; check them before using or redistributing these
 weights. Measured de-identification and image-quality numbers: not yet filled in (run `featdeid eval`).
 """
+
+
+def _mid(cfg: TrainConfig) -> str:
+    w = cfg.losses.weights["mid"]
+    return f", mid {w} (EN layers {', '.join(cfg.losses.mid_layers)})" if w else ""
 
 
 def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, recogniser: torch.nn.Module | None = None,

@@ -14,6 +14,14 @@ values across processes; training takes the batch mean.
 - ``near``  ``1 - cos(f(E), f(D))``.
 - ``far``   ``cos(f(C), f(D))`` (``far_mode: cos``, default: the paper's "decrease the cosine
   similarity") or ``max(cos(f(C), f(D)), 0)`` (``far_mode: relu``: stop once D is orthogonal to C).
+- ``budget`` ours: a quality budget instead of a trade-off, ``max(mse / m0 - 1, 0)`` with
+  ``m0 = 10 ** (-budget_psnr / 10)``: free while D stays within ``budget_psnr`` dB of C, steep beyond.
+  Trains the network at its operating point (strength 1 = the PSNR budget) rather than at a residual
+  size that must later be scaled down, which moves it off what it learned.
+- ``mid``   ours, for transfer: the cosine similarity of EN's intermediate feature maps of C and D
+  (the layers named in ``mid_layers``, averaged), both seen through the same random transfer view.
+  Mid-level features are shared far more across networks than final embeddings are, so pushing D
+  away from C there moves it in unseen recognisers too (the idea of ILA, FDA and LTP/BIA).
 
 When the perceptual backbone is VGG-16 with the same weights as LPIPS, one VGG pass serves both:
 LPIPS's input scaling on [-1, 1] is exactly torchvision's ImageNet normalisation on [0, 1], and its
@@ -22,9 +30,10 @@ relu5_3 output is the perceptual feature.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +46,7 @@ from featdeid.weights import load_safetensors
 
 from .vgg import VGGFeatures, load_vgg_state
 
-LOSS_NAMES: tuple[str, ...] = ("rec", "perc", "lpips", "near", "far")
+LOSS_NAMES: tuple[str, ...] = ("rec", "perc", "lpips", "near", "far", "mid", "budget")
 _LPIPS_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
 
 
@@ -72,9 +81,16 @@ class LossConfig:
     perceptual_weights: str | None = None
     lpips_backbone_weights: str | None = None
     lpips_lin_weights: str | None = None
+    mid_layers: tuple[str, ...] = ()
+    budget_psnr: float = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", check_weights(self.weights))
+        object.__setattr__(self, "mid_layers", tuple(str(n) for n in self.mid_layers))
+        if not 10.0 <= float(self.budget_psnr) <= 60.0:
+            raise ConfigError(f"budget_psnr must be in [10, 60] dB, got {self.budget_psnr!r}")
+        if self.weights["mid"] and not self.mid_layers:
+            raise ConfigError("loss weight 'mid' needs mid_layers: names of EN submodules (e.g. net.Add_32)")
         if self.rec_norm not in ("l1", "l2"):
             raise ConfigError(f"rec_norm must be 'l1' or 'l2', got {self.rec_norm!r}")
         if self.far_mode not in ("cos", "relu"):
@@ -104,6 +120,41 @@ def far_loss(cover_feat: torch.Tensor, deid_feat: torch.Tensor, mode: str = "cos
     """``cos(f(C), f(D))`` (``mode='cos'``) or ``max(cos, 0)`` (``mode='relu'``) per sample."""
     cos = F.cosine_similarity(cover_feat.float(), deid_feat.float(), dim=1)
     return cos.clamp_min(0.0) if mode == "relu" else cos
+
+
+def budget_loss(cover: torch.Tensor, deid: torch.Tensor, psnr: float) -> torch.Tensor:
+    """Per-sample ``max(mse / m0 - 1, 0)``, ``m0 = 10 ** (-psnr / 10)``: zero within the PSNR budget."""
+    m0 = 10.0 ** (-psnr / 10.0)
+    return (reconstruction_loss(cover, deid, "l2") / m0 - 1.0).clamp_min(0.0)
+
+
+def mid_loss(cover_maps: list[torch.Tensor], deid_maps: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the per-sample cosine similarity of flattened feature maps ``(B, C, h, w)``."""
+    cos = [F.cosine_similarity(c.float().flatten(1), d.float().flatten(1), dim=1) for c, d in zip(cover_maps, deid_maps)]
+    return torch.stack(cos).mean(0)
+
+
+class LayerTap:
+    """Collects the outputs of named submodules (``dict(module.named_modules())`` keys) in call order."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]) -> None:
+        modules = dict(module.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            near = [m for n in missing for m in modules if m.endswith("." + n)]
+            hint = f"did you mean {', '.join(near)}?" if near else f"its submodules are named like {', '.join(list(modules)[1:6])}"
+            raise ConfigError(f"mid_layers {missing} not found in the recogniser; {hint}")
+        self.modules = [modules[n] for n in names]
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[torch.Tensor]]:
+        out: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: out.append(o)) for m in self.modules]
+        try:
+            yield out
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def build_lpips(backbone_weights: str | Path | None = None, lin_weights: str | Path | None = None) -> nn.Module:
@@ -155,7 +206,7 @@ def lpips_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]
 
 
 class DeidLoss(nn.Module):
-    """The weighted total ``sum(lambda_k * L_k)`` over ``rec, perc, lpips, near, far``.
+    """The weighted total ``sum(lambda_k * L_k)`` over :data:`LOSS_NAMES`.
 
     ``recogniser`` is the frozen EN (``embed(frames) -> (B, D)``, differentiable); ``en_view`` is an
     optional differentiable transform applied to D before EN (transfer augmentation).
@@ -167,8 +218,9 @@ class DeidLoss(nn.Module):
         self.weights = dict(config.weights)
         w = self.weights
         self.recogniser = recogniser
-        if (w["near"] or w["far"]) and recogniser is None:
-            raise ConfigError("near/far losses need a recogniser (EN)")
+        if (w["near"] or w["far"] or w["mid"]) and recogniser is None:
+            raise ConfigError("near/far/mid losses need a recogniser (EN)")
+        self.tap = LayerTap(recogniser, config.mid_layers) if config.mid_layers and recogniser is not None else None
         self.lpips = build_lpips(config.lpips_backbone_weights, config.lpips_lin_weights)
         self.shared_vgg = config.perceptual_backbone == "vgg16" and config.perceptual_weights == config.lpips_backbone_weights
         self.vgg = None if self.shared_vgg else VGGFeatures(config.perceptual_backbone, config.perceptual_weights)
@@ -197,9 +249,13 @@ class DeidLoss(nn.Module):
             ``{name: (B,)}`` for the computed terms, plus ``"total"`` (weighted sum over them).
         """
         terms = tuple(n for n in LOSS_NAMES if self.weights[n] > 0) if terms is None else terms
+        if self.tap is None:
+            terms = tuple(n for n in terms if n != "mid")
         out: dict[str, torch.Tensor] = {}
         if "rec" in terms:
             out["rec"] = reconstruction_loss(cover, deid, self.config.rec_norm)
+        if "budget" in terms:
+            out["budget"] = budget_loss(cover, deid, self.config.budget_psnr)
         if "perc" in terms or "lpips" in terms:
             with torch.no_grad():
                 fc = lpips_features(self.lpips, cover) if ("lpips" in terms or self.shared_vgg) else []
@@ -214,9 +270,19 @@ class DeidLoss(nn.Module):
                     with torch.no_grad():
                         vc = self.vgg(cover)
                     out["perc"] = perceptual_loss(vc, self.vgg(deid))
-        if "near" in terms or "far" in terms:
+        if "near" in terms or "far" in terms or "mid" in terms:
             assert self.recogniser is not None
-            f_d = self.recogniser.embed(en_view(deid) if en_view is not None else deid)
+            if "mid" in terms:
+                assert self.tap is not None
+                both = torch.cat([deid, cover], 1)  # one draw of the view for D and C: their maps stay aligned
+                both = en_view(both) if en_view is not None else both
+                with torch.no_grad(), self.tap.capture() as maps_c:
+                    self.recogniser.embed(both[:, 3:])
+                with self.tap.capture() as maps_d:
+                    f_d = self.recogniser.embed(both[:, :3])
+                out["mid"] = mid_loss(maps_c, maps_d)
+            else:
+                f_d = self.recogniser.embed(en_view(deid) if en_view is not None else deid)
             if "near" in terms:
                 out["near"] = near_loss(embed_feat, f_d)
             if "far" in terms:

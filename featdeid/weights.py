@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import UnsafeWeightsError
 
@@ -47,13 +45,8 @@ def load_safetensors(path: str | Path, check_finite: bool = True) -> dict[str, t
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temporary file + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a safetensors file atomically (:func:`featdeid.images.atomic_write`: temporary file + rename,
+    ordinary ``0o666 & ~umask`` permissions)."""
+    from .images import atomic_write
+
+    atomic_write(save({k: v.contiguous() for k, v in state.items()}, metadata=metadata), path)

@@ -180,7 +180,11 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         f"- Covers: UTKFace (5,000-image subset; {cfg.data.val_fraction:g} held out for validation). Fake identities: "
         f"2,000 GAN faces (generated.photos style), {cfg.data.embed_val_fraction:g} held out.",
         f"- Losses (paper §3.2): rec {w['rec']:g} (L2), perceptual {w['perc']:g} (VGG-16 relu5_3; the paper's VGG-19 is not "
-        f"available offline), LPIPS(VGG) {w['lpips']:g}, near {w['near']:g}, far {w['far']:g}.",
+        f"available offline), LPIPS(VGG) {w['lpips']:g}, near {w['near']:g}, far {w['far']:g}"
+        + (f"; ours: mid {w['mid']:g} (cosine of the EN's intermediate feature maps of C and D at "
+           f"{', '.join(f'`{n}`' for n in cfg.losses.mid_layers)}, for transfer)" if w.get("mid") else "")
+        + (f"; ours: PSNR budget {w['budget']:g} (hinge, free up to {cfg.losses.budget_psnr:g} dB)" if w.get("budget") else "")
+        + ".",
         "- Transfer augmentations between D and the EN (to work on recognisers never seen in training): random resize/shift of "
         "the EN crop, differentiable blur and JPEG, and training on the masked paste-back C + m·(D − C).",
         f"- Adam lr {cfg.optim.lr:g}, batch {cfg.optim.batch_size}, bf16 autocast, on a 2-core CPU; selected checkpoint "

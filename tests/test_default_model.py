@@ -69,7 +69,7 @@ def test_card_is_rebuilt_from_its_measurements(tmp_path: Path) -> None:
     out = tmp_path / "README.md"
     cmd = [
         sys.executable, str(REPO_ROOT / "hub" / "model_card.py"), str(HUB_COPY),
-        "--config", str(REPO_ROOT / "training" / "configs" / "default_cpu_ft.yaml"),
+        "--config", str(REPO_ROOT / "training" / "configs" / "default_cpu_budget.yaml"),
         "--sweep", str(HUB_COPY / "sweep.json"), "--eval", str(HUB_COPY / "eval_lfw.json"),
         "--eval-celeba", str(HUB_COPY / "eval_celeba.json"), "--output", str(out),
     ]

@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -507,6 +508,9 @@ def _temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def atomic_write(data: bytes, path: str | os.PathLike) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
@@ -533,9 +537,19 @@ def atomic_write(data: bytes, path: str | os.PathLike) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process umask. Read from ``/proc/self/status`` where it exists (Linux): setting and restoring
+    it, the only portable way, briefly changes it for every thread of the process."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -707,6 +707,7 @@ def test_temp_files_and_atomic_write(tmp_path):
     try:
         images.atomic_write(b"data", target)  # permissions as open() gives them, not mkstemp's 0o600
         assert target.stat().st_mode & 0o777 == 0o640
+        assert images._umask() == 0o027 and os.umask(0o027) == 0o027  # read without changing it
     finally:
         os.umask(old)
 

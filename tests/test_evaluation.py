@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import require_asset
 
+from featdeid import images
 from featdeid.errors import ConfigError
 from featdeid.evaluation import attacks as atk
 from featdeid.evaluation.baselines import (
@@ -307,8 +308,7 @@ def test_featdeid_eval_cli_end_to_end_writes_report(tmp_path, random_model, eval
         "--cache-dir", str(eval_cache), "--examples", "2", "--workers", "0", "-q",
     ]  # fmt: skip
     assert main(argv) == 0
-    umask = os.umask(0o022)
-    os.umask(umask)
+    umask = images._umask()
     for name in ("results.json", "report.md"):  # written like any output file, not mkstemp's owner-only 0600
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     res = json.loads((out / "results.json").read_text())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 
+from featdeid import images
 from featdeid.config import PAPER, SMALL_CPU, ModelConfig, tiling_shape
 from featdeid.errors import ConfigError, UnsafeWeightsError
 from featdeid.model import HidingNetwork, tile_feature
@@ -78,8 +78,7 @@ def test_save_load_round_trip(tmp_path, random_model):
     random_model = copy.deepcopy(random_model).to(memory_format=torch.contiguous_format)
     folder = random_model.save_pretrained(tmp_path / "m", card="# card\n")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = images._umask()
     assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0o600
     loaded = HidingNetwork.from_pretrained(folder)
     c = torch.rand(3, 3, 64, 64)

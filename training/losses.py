@@ -243,7 +243,8 @@ class DeidLoss(nn.Module):
             cover: C ``(B, 3, S, S)`` in [0, 1].
             deid: D ``(B, 3, S, S)``.
             embed_feat: ``f(E)`` ``(B, D)``.
-            en_view: callable ``(B, 3, S, S) -> (B, 3, S, S)`` applied to D before EN, or None.
+            en_view: callable ``(B, C, S, S) -> (B, C, S, S)`` applied to D (and, for ``mid``, to D and C
+                stacked as 6 channels) before EN, or None.
             terms: which losses to compute (default: those with a non-zero weight).
         Returns:
             ``{name: (B,)}`` for the computed terms, plus ``"total"`` (weighted sum over them).
@@ -272,12 +273,15 @@ class DeidLoss(nn.Module):
                     out["perc"] = perceptual_loss(vc, self.vgg(deid))
         if "near" in terms or "far" in terms or "mid" in terms:
             assert self.recogniser is not None
+            f_c = None
             if "mid" in terms:
                 assert self.tap is not None
                 both = torch.cat([deid, cover], 1)  # one draw of the view for D and C: their maps stay aligned
                 both = en_view(both) if en_view is not None else both
                 with torch.no_grad(), self.tap.capture() as maps_c:
-                    self.recogniser.embed(both[:, 3:])
+                    f_c_view = self.recogniser.embed(both[:, 3:])
+                if en_view is None:  # C was not transformed: this is f(C) for far
+                    f_c = f_c_view
                 with self.tap.capture() as maps_d:
                     f_d = self.recogniser.embed(both[:, :3])
                 out["mid"] = mid_loss(maps_c, maps_d)
@@ -286,8 +290,9 @@ class DeidLoss(nn.Module):
             if "near" in terms:
                 out["near"] = near_loss(embed_feat, f_d)
             if "far" in terms:
-                with torch.no_grad():
-                    f_c = self.recogniser.embed(cover)
+                if f_c is None:
+                    with torch.no_grad():
+                        f_c = self.recogniser.embed(cover)
                 out["far"] = far_loss(f_c, f_d, self.config.far_mode)
         out["total"] = sum(self.weights[n] * out[n] for n in LOSS_NAMES if n in out)
         return out

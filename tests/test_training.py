@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
 
 from training.augment import TransferConfig, en_view, gaussian_blur, jpeg_like  # noqa: E402
 from training.config import config_from_dict, expand_env, load_config  # noqa: E402
+from training.ghost import GhostSkips, residual_adds  # noqa: E402
 from training.data import PairDataset, SourceSpec, prepare_images, split_indices  # noqa: E402
 from training.losses import (  # noqa: E402
     LOSS_NAMES,
@@ -195,6 +196,37 @@ def test_mid_loss_sees_c_and_d_through_one_view(faces64):
         DeidLoss(_loss_config(weights={"mid": 1.0}, mid_layers=("Add_32",)), en)
     with pytest.raises(ConfigError, match="mid_layers"):
         LossConfig(weights={"mid": 1.0})
+
+
+def test_ghost_en_erodes_skips_per_draw_and_scales_branch_gradients(faces64):
+    from featdeid.recognisers import load_recogniser
+
+    en = load_recogniser(f"onnx:{require_asset(*EN)}")
+    adds = residual_adds(en.net)
+    assert len(adds) == 12 and all(i == 0 for _, i in adds)  # MobileFaceNet-style: skip first, branch second
+    x = faces64[:2]
+    clean = en.embed(x)
+    ghost = GhostSkips(en.net, tau=0.1)
+    with ghost.draw(2, torch.Generator().manual_seed(0)):
+        a, a2 = en.embed(x), en.embed(x)
+    with ghost.draw(2, torch.Generator().manual_seed(1)):
+        b = en.embed(x)
+    assert torch.equal(a, a2)  # one ghost for every call inside a draw: C and D see the same network
+    cos = F.cosine_similarity(clean, a)
+    assert (cos < 0.9999).all() and (cos > 0.8).all() and not torch.allclose(a, b)
+    assert torch.equal(en.embed(x), clean)  # hooks are gone after the draw
+    xr = x.clone().requires_grad_(True)
+    en.embed(xr).sum().backward()
+    g_clean, xr.grad = xr.grad.clone(), None
+    with GhostSkips(en.net, gamma=0.5).draw(2, torch.Generator()):
+        out = en.embed(xr)
+    assert torch.allclose(out, clean, atol=1e-5)  # skip gradient changes the backward pass only
+    out.sum().backward()
+    assert F.cosine_similarity(g_clean.flatten(), xr.grad.flatten(), dim=0) < 0.99
+    with pytest.raises(ConfigError, match="skip_grad"):
+        GhostSkips(en.net, gamma=0.0)
+    with pytest.raises(ConfigError, match="torch.fx"):
+        residual_adds(torch.nn.Linear(2, 2))
 
 
 def test_unknown_loss_weight_name_lists_valid_names():

@@ -13,6 +13,7 @@ as a featdeid model folder (``<output>/model``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -34,6 +35,7 @@ from featdeid.errors import ConfigError
 from featdeid.faces.paste import apply_mask
 from featdeid.model import IDENTITY_BANK_KEY, HidingNetwork
 from training.augment import en_view
+from training.ghost import GhostSkips
 from training.config import TrainConfig, config_to_dict, load_config
 from training.data import EpochShuffleSampler
 from training.experiment import build_data, build_loss, build_recogniser
@@ -165,6 +167,8 @@ def train(
 
     en = build_recogniser(cfg).to(acc.device)
     loss_fn = build_loss(cfg, en).to(acc.device)
+    t = cfg.transfer
+    ghost = GhostSkips(getattr(en, "net", en), t.ghost_skip, t.skip_grad) if t.ghost_skip or t.skip_grad != 1.0 else None
     model = HidingNetwork(cfg.model)
     if cfg.run.init_from and resume is None:
         init_weights(model, cfg.run.init_from)
@@ -252,7 +256,8 @@ def train(
                 fe = en.embed(embed)
             gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + progress.global_step * 131 + acc.process_index)
             view = (lambda x: en_view(x, cfg.transfer, gen)) if cfg.transfer.enabled else None
-            with acc.autocast():
+            ghosted = ghost.draw(cover.shape[0], gen) if ghost is not None else contextlib.nullcontext()
+            with acc.autocast(), ghosted:
                 deid = _masked(cfg, cover, model(cover, fe))
                 losses = loss_fn(cover, deid, fe, en_view=view)
                 total = losses["total"].mean()

@@ -1,0 +1,85 @@
+"""Ghost EN: random variants of the frozen recogniser's residual connections, for transfer.
+
+A single EN is overfitted quickly: D learns features only that network reads. Two cheap ways to
+train against a family of networks instead, both acting on the residual additions ``skip + branch``
+of a converted (``torch.fx``) recogniser:
+
+- skip erosion (Li et al., "Learning Transferable Adversarial Examples via Ghost Networks", AAAI
+  2020): each forward draws ``lambda ~ U[1 - tau, 1 + tau]`` per residual addition and sample and
+  computes ``lambda * skip + branch``: a new "ghost" network per step, a virtual ensemble for free;
+- skip gradient (Wu et al., "Skip Connections Matter", ICLR 2020): the backward pass through the
+  residual branch is scaled by ``gamma < 1`` (forward unchanged), so D is shaped more by the
+  low-level features the skip connections carry, which are shared across networks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from featdeid.errors import ConfigError
+
+
+def _scale_grad(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``x`` forward, ``gamma * grad`` backward."""
+    return x * gamma + (x * (1.0 - gamma)).detach()
+
+
+def residual_adds(module: nn.Module) -> list[tuple[nn.Module, int]]:
+    """The residual additions of an fx-converted network: ``(add module, index of its skip input)``.
+
+    An addition of two computed tensors is residual; its skip input is the one computed earlier
+    (the branch is computed from it).
+    """
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        raise ConfigError("ghost EN needs a torch.fx recogniser (an onnx: EN converted by onnx2torch)")
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    modules = dict(module.named_modules())
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 2 or not all(a in order for a in node.args):
+            continue
+        target = modules[node.target]
+        if "add" not in type(target).__name__.lower() and not node.target.lower().startswith("add"):
+            continue
+        out.append((target, 0 if order[node.args[0]] < order[node.args[1]] else 1))
+    if not out:
+        raise ConfigError("ghost EN: the recogniser has no residual additions")
+    return out
+
+
+class GhostSkips:
+    """Skip erosion ``tau`` and skip gradient ``gamma`` on the residual additions of ``net``."""
+
+    def __init__(self, net: nn.Module, tau: float = 0.0, gamma: float = 1.0) -> None:
+        if not 0.0 <= tau < 1.0 or not 0.0 < gamma <= 1.0:
+            raise ConfigError(f"ghost EN: need 0 <= ghost_skip < 1 and 0 < skip_grad <= 1, got {tau}, {gamma}")
+        self.adds = residual_adds(net)
+        self.tau, self.gamma = float(tau), float(gamma)
+
+    @contextlib.contextmanager
+    def draw(self, batch: int, gen: torch.Generator) -> Iterator[None]:
+        """One ghost network for every EN call inside the block (C and D alike); ``batch`` samples."""
+        lambdas = [1.0 + self.tau * (2.0 * torch.rand(batch, generator=gen) - 1.0) for _ in self.adds]
+
+        def hook(skip_index: int, lam: torch.Tensor):
+            def pre(_m: nn.Module, args: tuple) -> tuple:
+                skip, branch = args[skip_index], args[1 - skip_index]
+                if self.tau and skip.shape[0] == batch:
+                    skip = skip * lam.to(skip.device, skip.dtype).view(-1, *([1] * (skip.dim() - 1)))
+                if self.gamma != 1.0 and branch.requires_grad:
+                    branch = _scale_grad(branch, self.gamma)
+                return (skip, branch) if skip_index == 0 else (branch, skip)
+
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(i, lam)) for (m, i), lam in zip(self.adds, lambdas)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -175,7 +175,9 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         "vendor weights of unknown training data).",
         f"- Default strength **{strength:g}**, chosen on {sweep['covers']} validation covers (UTKFace validation split, never "
         f"trained on) as the largest strength whose mean PSNR ≥ {sweep['targets']['min_psnr']:g} dB, SSIM ≥ "
-        f"{sweep['targets']['min_ssim']:g} and LPIPS ≤ {sweep['targets']['max_lpips']:g}.\n",
+        f"{sweep['targets']['min_ssim']:g} and LPIPS ≤ {sweep['targets']['max_lpips']:g}"
+        + (f" at the one-sided {sweep['confidence']:.0%} confidence bound of each mean (so they hold on new photos, not "
+           "only on these covers)" if sweep.get("confidence", 0.5) > 0.5 else "") + ".\n",
         "## Training\n",
         f"- Covers: UTKFace (5,000-image subset; {cfg.data.val_fraction:g} held out for validation). Fake identities: "
         f"2,000 GAN faces (generated.photos style), {cfg.data.embed_val_fraction:g} held out.",
@@ -186,7 +188,12 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         + (f"; ours: PSNR budget {w['budget']:g} (hinge, free up to {cfg.losses.budget_psnr:g} dB)" if w.get("budget") else "")
         + ".",
         "- Transfer augmentations between D and the EN (to work on recognisers never seen in training): random resize/shift of "
-        "the EN crop, differentiable blur and JPEG, and training on the masked paste-back C + m·(D − C).",
+        "the EN crop, differentiable blur and JPEG, and training on the masked paste-back C + m·(D − C)"
+        + (f"; a ghost EN (ours, after Li et al. 2020 and Wu et al. 2020): each step scales the skip input of every residual "
+           f"addition of the EN by a random λ ∈ [{1 - cfg.transfer.ghost_skip:g}, {1 + cfg.transfer.ghost_skip:g}] and the "
+           f"gradient through the residual branches by {cfg.transfer.skip_grad:g}, a virtual ensemble of EN variants"
+           if cfg.transfer.ghost_skip or cfg.transfer.skip_grad != 1.0 else "")
+        + ".",
         f"- Adam lr {cfg.optim.lr:g}, batch {cfg.optim.batch_size}, bf16 autocast, on a 2-core CPU; selected checkpoint "
         f"{json.dumps(best)}. Reproduce: `python training/train.py --config training/configs/{cfg.name}.yaml`"
         + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from else "") + "; see `training/README.md`.\n",

@@ -229,6 +229,17 @@ def test_ghost_en_erodes_skips_per_draw_and_scales_branch_gradients(faces64):
         residual_adds(torch.nn.Linear(2, 2))
 
 
+def test_strength_choice_keeps_a_confidence_margin_on_every_target():
+    from training.select_strength import choose
+
+    rows = [{"strength": st, "psnr": ps, "ssim": 0.95, "lpips": lp, "psnr_se": 0.1, "ssim_se": 0.001, "lpips_se": 0.001}
+            for st, ps, lp in ((1.0, 31.0, 0.030), (1.2, 30.3, 0.040), (1.3, 30.05, 0.045), (1.4, 29.8, 0.049))]
+    assert choose(rows, 30.0, 0.93, 0.05) == 1.3  # the means alone
+    assert choose(rows, 30.0, 0.93, 0.05, z=1.645) == 1.2  # 30.05 - 0.16 < 30
+    assert choose(rows, 30.0, 0.93, 0.041, z=1.645) == 1.0  # at 1.2 LPIPS 0.040 + 0.0016 > 0.041
+    assert choose(rows, 32.0, 0.93, 0.05, z=1.645) is None
+
+
 def test_unknown_loss_weight_name_lists_valid_names():
     with pytest.raises(ConfigError, match="rec, perc, lpips, near, far") as e:
         check_weights({"rec": 1.0, "lambda_near": 0.3})
@@ -442,6 +453,20 @@ def test_exported_model_loads_and_runs(two_process_run):
         loaded = featdeid.load(folder)
         net = loaded if isinstance(loaded, HidingNetwork) else getattr(loaded, "model", loaded)
         assert torch.equal(net.identity_bank, model.identity_bank)
+
+
+def test_a_training_checkpoint_exports_as_a_model_folder(two_process_run, tmp_path):
+    ckpt = sorted((two_process_run / "checkpoints").glob("step_*"))[-1]
+    out = tmp_path / "from_ckpt"
+    _run([sys.executable, str(REPO / "training" / "export.py"), "--config", str(two_process_run.parent / "tiny.yaml"),
+          "--weights", str(ckpt), "--output", str(out)])
+    model = HidingNetwork.from_pretrained(out)
+    from featdeid.weights import load_safetensors
+
+    trained = load_safetensors(ckpt / "model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k].float(), v.float()) for k, v in trained.items() if k != "identity_bank")
+    assert model.identity_bank.shape == (9, 512) and ckpt.name in (out / "README.md").read_text()
 
 
 def test_loss_falls_when_overfitting_8_images(tmp_path, cache_dir):

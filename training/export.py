@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from featdeid.model import HidingNetwork
+from featdeid.weights import load_safetensors
 from training.data import to_tensor
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ Hiding network of Hanawa, Ito & Aoki, "Face image de-identification based on fea
   training-split embedding images (`{embed}`, mode `{d.embed_mode}`).
 - Covers: `{_short(d.cover.path)}`; validation fraction {d.val_fraction}, split seed {d.split_seed}.
 - Losses: rec {w['rec']} ({cfg.losses.rec_norm}), perc {w['perc']} ({cfg.losses.perceptual_backbone}), lpips {w['lpips']} (VGG-16),
-  near {w['near']}, far {w['far']} ({cfg.losses.far_mode}){_mid(cfg)}.
+  near {w['near']}, far {w['far']} ({cfg.losses.far_mode}){_ours(cfg)}.
+- Transfer (views of D before EN, ghost EN): {json.dumps(dataclasses.asdict(cfg.transfer))}
 - Optimiser: Adam lr {cfg.optim.lr}, batch {cfg.optim.batch_size} per process, up to {cfg.optim.epochs} epochs,
   mixed precision {cfg.run.mixed_precision}.
 - Selected checkpoint: {json.dumps(info)}
@@ -84,19 +86,28 @@ weights. Measured de-identification and image-quality numbers: not yet filled in
 """
 
 
-def _mid(cfg: TrainConfig) -> str:
-    w = cfg.losses.weights["mid"]
-    return f", mid {w} (EN layers {', '.join(cfg.losses.mid_layers)})" if w else ""
+def _ours(cfg: TrainConfig) -> str:
+    w, lc = cfg.losses.weights, cfg.losses
+    mid = f", mid {w['mid']} (EN layers {', '.join(lc.mid_layers)})" if w["mid"] else ""
+    return mid + (f", budget {w['budget']} (PSNR {lc.budget_psnr} dB)" if w["budget"] else "")
 
 
 def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, recogniser: torch.nn.Module | None = None,
                  data: ExperimentData | None = None, device: torch.device | str = "cpu", half: bool = False) -> Path:
-    """Write the model folder from trained weights (a folder saved by ``save_pretrained``); ``half``
+    """Write the model folder from trained weights (a folder saved by ``save_pretrained``, or a training
+    checkpoint ``RUN/checkpoints/step_N``); ``half``
     stores the weights as float16 (half the size; they run in float32 after loading)."""
     from training.experiment import build_data, build_recogniser
 
     weights, output = Path(weights), Path(output)
-    net = HidingNetwork.from_pretrained(weights)
+    info_path = weights / "best.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if (weights / "config.json").is_file():
+        net = HidingNetwork.from_pretrained(weights)
+    else:  # a training checkpoint (RUN/checkpoints/step_N): the architecture is the experiment's
+        net = HidingNetwork(cfg.model)
+        net.load_state_dict(load_safetensors(weights / "model.safetensors"), strict=True)
+        info = {"checkpoint": weights.name, **info}
     recogniser = recogniser if recogniser is not None else build_recogniser(cfg).to(device)
     data = data if data is not None else build_data(cfg, progress=False)
     bank = identity_bank(recogniser, data, cfg, device=device)
@@ -104,8 +115,6 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     model = HidingNetwork(config, identity_bank=bank)
     state = {**net.state_dict(), "identity_bank": bank}
     model.load_state_dict(state, strict=True)
-    info_path = weights / "best.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     model.save_pretrained(output, half=half, card=model_card(cfg, info, int(bank.shape[0])))
     return output
 
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description="Export trained weights as a featdeid model folder.")
     p.add_argument("--config", required=True, help="the experiment YAML the weights were trained with")
-    p.add_argument("--weights", required=True, help="folder with config.json + model.safetensors (e.g. RUN/best)")
+    p.add_argument("--weights", required=True, help="RUN/best (config.json + model.safetensors) or a checkpoint RUN/checkpoints/step_N")
     p.add_argument("--output", required=True, help="model folder to write")
     p.add_argument("--half", action="store_true", help="store float16 weights")
     args = p.parse_args(argv)

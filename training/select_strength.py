@@ -8,7 +8,9 @@ aligned into the evaluation frame (256 px, as ``featdeid eval``), de-identified 
 exactly as ``featdeid eval`` does (residual upsampled, feathered mask), and measured: PSNR, SSIM,
 LPIPS(alex) between C and D, and the training EN's cosine ``cos(f(C), f(D))`` (white-box; the
 evaluators are never used here). The chosen strength is the largest whose means meet every quality
-target (PSNR >= 30 dB, SSIM >= 0.93, LPIPS <= 0.05 by default): identity change grows with strength,
+target (PSNR >= 30 dB, SSIM >= 0.93, LPIPS <= 0.05 by default) at their one-sided 95 % confidence
+bound (``--confidence``; mean -/+ 1.645 standard errors), so the targets hold on new photos and
+not just on these covers: identity change grows with strength,
 so that is the most protective setting the quality budget allows. ``--write`` stores it as
 ``default_strength`` in ``MODEL_DIR/config.json``. Writes ``sweep.json`` and ``sweep.png``.
 """
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-DEFAULT_STRENGTHS = (0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 2.0, 3.0)
+DEFAULT_STRENGTHS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.35, 1.4, 1.45, 1.5, 1.55, 1.6, 1.7, 1.8, 2.0, 3.0)
 FRAME = 256
 
 
@@ -85,13 +87,26 @@ def sweep(model_dir: str | Path, frames: torch.Tensor, keys: list[str], recognis
             q.append(ssim(c8, d8))
             l.append(lp(c8, d8))
             cos.append((embed(d8.float() / 255.0) * f_c[i : i + batch]).sum(1).numpy())
-        rows.append({"strength": s, "psnr": mean_psnr(np.concatenate(p)), "ssim": float(np.concatenate(q).mean()),
-                     "lpips": float(np.concatenate(l).mean()), "whitebox_cos": float(np.concatenate(cos).mean())})
+        pv, qv, lv = np.concatenate(p), np.concatenate(q), np.concatenate(l)
+        rows.append({"strength": s, "psnr": mean_psnr(pv), "ssim": float(qv.mean()), "lpips": float(lv.mean()),
+                     "whitebox_cos": float(np.concatenate(cos).mean()),
+                     "psnr_se": _standard_error(pv[np.isfinite(pv)]), "ssim_se": _standard_error(qv), "lpips_se": _standard_error(lv)})
     return rows
 
 
-def choose(rows: list[dict[str, float]], min_psnr: float, min_ssim: float, max_lpips: float) -> float | None:
-    ok = [r["strength"] for r in rows if r["psnr"] >= min_psnr and r["ssim"] >= min_ssim and r["lpips"] <= max_lpips]
+def _standard_error(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def choose(rows: list[dict[str, float]], min_psnr: float, min_ssim: float, max_lpips: float, z: float = 0.0) -> float | None:
+    """The largest strength whose means meet every target with ``z`` standard errors to spare.
+
+    ``z = 1.645``: each target holds at the one-sided 95 % confidence bound of its mean, so it holds
+    on new photos like the validation covers, not only on these (their mean carries sampling error).
+    """
+    ok = [r["strength"] for r in rows
+          if r["psnr"] - z * r.get("psnr_se", 0.0) >= min_psnr and r["ssim"] - z * r.get("ssim_se", 0.0) >= min_ssim
+          and r["lpips"] + z * r.get("lpips_se", 0.0) <= max_lpips]
     return max(ok) if ok else None
 
 
@@ -136,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-psnr", type=float, default=30.0)
     p.add_argument("--min-ssim", type=float, default=0.93)
     p.add_argument("--max-lpips", type=float, default=0.05)
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="meet each target at this one-sided confidence bound of its validation mean (0.5: the means)")
     p.add_argument("--lpips-weights", default=None, help="default: $FEATDEID_ASSETS/weights/imagenet_alexnet")
     p.add_argument("--write", action="store_true", help="store the choice as default_strength in MODEL/config.json")
     args = p.parse_args(argv)
@@ -149,15 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     targets = (args.min_psnr, args.min_ssim, args.max_lpips)
-    chosen = choose(rows, *targets)
+    from statistics import NormalDist
+
+    if not 0.5 <= args.confidence < 1.0:
+        print("error: --confidence must be in [0.5, 1)", file=sys.stderr)
+        return 2
+    z = NormalDist().inv_cdf(args.confidence)
+    chosen = choose(rows, *targets, z=z)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(args.model), "covers": len(keys), "frame": FRAME, "targets": dict(zip(("min_psnr", "min_ssim", "max_lpips"), targets)),
+              "confidence": args.confidence,
               "rows": rows, "chosen": chosen}
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, chosen, out / "sweep.png", targets)
     for r in rows:
-        print(f"s={r['strength']:<5g} PSNR {r['psnr']:6.2f}  SSIM {r['ssim']:.4f}  LPIPS {r['lpips']:.4f}  EN cos {r['whitebox_cos']:+.3f}")
+        print(f"s={r['strength']:<5g} PSNR {r['psnr']:6.2f} ±{r['psnr_se']:.2f}  SSIM {r['ssim']:.4f}  LPIPS {r['lpips']:.4f}  EN cos {r['whitebox_cos']:+.3f}")
     print(f"chosen strength: {chosen} on {len(keys)} validation covers")
     if chosen is None:
         print("no strength meets the quality targets", file=sys.stderr)

@@ -192,7 +192,7 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         + (f"; a ghost EN (ours, after Li et al. 2020 and Wu et al. 2020): each step scales the skip input of every residual "
            f"addition of the EN by a random λ ∈ [{1 - cfg.transfer.ghost_skip:g}, {1 + cfg.transfer.ghost_skip:g}] and the "
            f"gradient through the residual branches by {cfg.transfer.skip_grad:g}, a virtual ensemble of EN variants"
-           if cfg.transfer.ghost_skip or cfg.transfer.skip_grad != 1.0 else "")
+           if cfg.transfer.ghost else "")
         + ".",
         f"- Adam lr {cfg.optim.lr:g}, batch {cfg.optim.batch_size}, bf16 autocast, on a 2-core CPU; selected checkpoint "
         f"{json.dumps(best)}. Reproduce: `python training/train.py --config training/configs/{cfg.name}.yaml`"

@@ -60,6 +60,11 @@ class TransferConfig:
             raise ConfigError("transfer: need 0 <= ghost_skip < 1 and 0 < skip_grad <= 1")
 
     @property
+    def ghost(self) -> bool:
+        """Whether the EN itself is varied (``training/ghost.py``), not only its view of D."""
+        return self.ghost_skip > 0 or self.skip_grad != 1.0
+
+    @property
     def enabled(self) -> bool:
         return self.crop_jitter or self.blur or self.jpeg
 

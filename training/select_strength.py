@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 if __package__ in (None, ""):
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lpips-weights", default=None, help="default: $FEATDEID_ASSETS/weights/imagenet_alexnet")
     p.add_argument("--write", action="store_true", help="store the choice as default_strength in MODEL/config.json")
     args = p.parse_args(argv)
+    if not 0.5 <= args.confidence < 1.0:
+        print("error: --confidence must be in [0.5, 1)", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
         strengths = sorted(float(x) for x in args.strengths.split(",") if x.strip())
@@ -166,13 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     targets = (args.min_psnr, args.min_ssim, args.max_lpips)
-    from statistics import NormalDist
-
-    if not 0.5 <= args.confidence < 1.0:
-        print("error: --confidence must be in [0.5, 1)", file=sys.stderr)
-        return 2
-    z = NormalDist().inv_cdf(args.confidence)
-    chosen = choose(rows, *targets, z=z)
+    chosen = choose(rows, *targets, z=NormalDist().inv_cdf(args.confidence))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(args.model), "covers": len(keys), "frame": FRAME, "targets": dict(zip(("min_psnr", "min_ssim", "max_lpips"), targets)),

@@ -193,10 +193,15 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
            f"addition of the EN by a random λ ∈ [{1 - cfg.transfer.ghost_skip:g}, {1 + cfg.transfer.ghost_skip:g}] and the "
            f"gradient through the residual branches by {cfg.transfer.skip_grad:g}, a virtual ensemble of EN variants"
            if cfg.transfer.ghost else "")
+        + (f"; linear backpropagation (Guo et al. 2020) through the EN's activations from {cfg.transfer.linbp_from:.0%} of "
+           "its depth on" if cfg.transfer.linbp_from < 1 else "")
         + ".",
         f"- Adam lr {cfg.optim.lr:g}, batch {cfg.optim.batch_size}, bf16 autocast, on a 2-core CPU; selected checkpoint "
-        f"{json.dumps(best)}. Reproduce: `python training/train.py --config training/configs/{cfg.name}.yaml`"
-        + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from else "") + "; see `training/README.md`.\n",
+        f"{json.dumps(best)}. Reproduce: `python training/train.py --config training/configs/{cfg.name}.yaml"
+        + (f" --max-steps {best['step']}`" if "selected" in best and "step" in best else "`")
+        + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from else "")
+        + (f", then export `checkpoints/step_{best['step']:09d}`" if "selected" in best and "step" in best else "")
+        + "; see `training/README.md`.\n",
         "## Strength sweep (validation covers)\n",
         "| strength | PSNR dB | SSIM | LPIPS(alex) | EN cos(C, D) |\n|---:|---:|---:|---:|---:|\n" + sweep_rows + "\n",
         "![strength sweep on the validation covers](sweep.png)\n",

@@ -28,6 +28,11 @@ from featdeid import images
 from featdeid.errors import ConfigError, FeatdeidError, InvalidImageError, OutputError, UnsafeWeightsError
 from featdeid.pipeline import Deidentifier
 
+try:
+    from tests.stress.mosaic import face_mosaic
+except ImportError:
+    from stress.mosaic import face_mosaic
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -495,14 +500,7 @@ def test_crowd_of_a_hundred_faces(runner, photo):
     """A 10 x 10 mosaic of one face with given landmarks (a 1000-face version is in tests/stress)."""
     arr = np.asarray(photo)
     _, rep = runner(arr, seed=0, return_report=True)
-    face = rep.faces[0].face
-    x0, y0, x1, y1 = (int(v) for v in face.box)
-    pad = (x1 - x0) // 2
-    cx, cy = max(0, x0 - pad), max(0, y0 - pad)
-    tile = arr[cy : y1 + pad, cx : x1 + pad]
-    th, tw = tile.shape[:2]
-    mosaic = np.tile(tile, (10, 10, 1))
-    lms = np.stack([face.landmarks - [cx, cy] + [c * tw, r * th] for r in range(10) for c in range(10)])
+    mosaic, lms, (th, tw) = face_mosaic(arr, rep.faces[0].face, 100, cols=10)
     t0 = time.perf_counter()
     out, crowd = runner(mosaic, seed=0, faces=lms, return_report=True)
     took = time.perf_counter() - t0

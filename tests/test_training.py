@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 
 from training.augment import TransferConfig, en_view, gaussian_blur, jpeg_like  # noqa: E402
 from training.config import config_from_dict, expand_env, load_config  # noqa: E402
-from training.ghost import GhostSkips, residual_adds  # noqa: E402
+from training.ghost import GhostSkips, activations, residual_adds  # noqa: E402
 from training.data import PairDataset, SourceSpec, prepare_images, split_indices  # noqa: E402
 from training.losses import (  # noqa: E402
     LOSS_NAMES,
@@ -223,8 +223,18 @@ def test_ghost_en_erodes_skips_per_draw_and_scales_branch_gradients(faces64):
     assert torch.allclose(out, clean, atol=1e-5)  # skip gradient changes the backward pass only
     out.sum().backward()
     assert F.cosine_similarity(g_clean.flatten(), xr.grad.flatten(), dim=0) < 0.99
+    xr.grad = None
+    linear = GhostSkips(en.net, linear_from=0.5)
+    assert len(activations(en.net)) == 33 and len(linear.linear) == 17  # PReLUs 17 to 33
+    with linear.draw(2, torch.Generator()):
+        out = en.embed(xr)
+    assert torch.allclose(out, clean, atol=1e-5)  # linear backpropagation changes the backward pass only
+    out.sum().backward()
+    assert F.cosine_similarity(g_clean.flatten(), xr.grad.flatten(), dim=0) < 0.99
     with pytest.raises(ConfigError, match="skip_grad"):
         GhostSkips(en.net, gamma=0.0)
+    with pytest.raises(ConfigError, match="linbp_from"):
+        GhostSkips(en.net, linear_from=1.5)
     with pytest.raises(ConfigError, match="torch.fx"):
         residual_adds(torch.nn.Linear(2, 2))
 

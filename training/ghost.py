@@ -9,7 +9,11 @@ of a converted (``torch.fx``) recogniser:
   computes ``lambda * skip + branch``: a new "ghost" network per step, a virtual ensemble for free;
 - skip gradient (Wu et al., "Skip Connections Matter", ICLR 2020): the backward pass through the
   residual branch is scaled by ``gamma < 1`` (forward unchanged), so D is shaped more by the
-  low-level features the skip connections carry, which are shared across networks.
+  low-level features the skip connections carry, which are shared across networks;
+- linear backpropagation (Guo et al., "Backpropagating Linearly Improves Transferability of
+  Adversarial Examples", NeurIPS 2020): from a point of the network on, the activations
+  (PReLU/ReLU) pass the gradient as if they were the identity (forward unchanged), so the gradient
+  follows the network's linear part, which transfers better than its piecewise gates.
 """
 
 from __future__ import annotations
@@ -52,14 +56,45 @@ def residual_adds(module: nn.Module) -> list[tuple[nn.Module, int]]:
     return out
 
 
-class GhostSkips:
-    """Skip erosion ``tau`` and skip gradient ``gamma`` on the residual additions of ``net``."""
+def activations(module: nn.Module) -> list[nn.Module]:
+    """The activation modules (PReLU, ReLU, ...) of an fx-converted network, in graph order."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        raise ConfigError("ghost EN needs a torch.fx recogniser (an onnx: EN converted by onnx2torch)")
+    modules = dict(module.named_modules())
+    names = ("relu", "prelu", "leakyrelu")
+    return [
+        modules[n.target]
+        for n in graph.nodes
+        if n.op == "call_module" and type(modules[n.target]).__name__.lower().removeprefix("onnx") in names
+    ]
 
-    def __init__(self, net: nn.Module, tau: float = 0.0, gamma: float = 1.0) -> None:
-        if not 0.0 <= tau < 1.0 or not 0.0 < gamma <= 1.0:
-            raise ConfigError(f"ghost EN: need 0 <= ghost_skip < 1 and 0 < skip_grad <= 1, got {tau}, {gamma}")
+
+def _linear_backward(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the activation's output forward, the identity's gradient backward."""
+    x = args[0]
+    return x + (out - x).detach() if x.requires_grad else out
+
+
+class GhostSkips:
+    """Skip erosion ``tau``, skip gradient ``gamma`` and linear backpropagation on ``net``.
+
+    ``linear_from`` in [0, 1] is the position (fraction of the activations in graph order) from
+    which activations are linear in the backward pass; 1 turns it off.
+    """
+
+    def __init__(self, net: nn.Module, tau: float = 0.0, gamma: float = 1.0, linear_from: float = 1.0) -> None:
+        if not 0.0 <= tau < 1.0 or not 0.0 < gamma <= 1.0 or not 0.0 <= linear_from <= 1.0:
+            raise ConfigError(
+                "ghost EN: need 0 <= ghost_skip < 1, 0 < skip_grad <= 1 and 0 <= linbp_from <= 1, "
+                f"got {tau}, {gamma}, {linear_from}"
+            )
         self.adds = residual_adds(net)
         self.tau, self.gamma = float(tau), float(gamma)
+        acts = activations(net) if linear_from < 1.0 else []
+        if linear_from < 1.0 and not acts:
+            raise ConfigError("ghost EN: linbp_from < 1 but the recogniser has no ReLU/PReLU activations")
+        self.linear = acts[round(linear_from * len(acts)) :]
 
     @contextlib.contextmanager
     def draw(self, batch: int, gen: torch.Generator) -> Iterator[None]:
@@ -78,6 +113,7 @@ class GhostSkips:
             return pre
 
         handles = [m.register_forward_pre_hook(hook(i, lam)) for (m, i), lam in zip(self.adds, lambdas)]
+        handles += [m.register_forward_hook(_linear_backward) for m in self.linear]
         try:
             yield
         finally:

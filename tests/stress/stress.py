@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from mosaic import face_mosaic
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 2**20
@@ -190,16 +191,10 @@ def case_crowd(runner, n_faces: int) -> list[dict]:
         return [dict(case=f"{n_faces}-face crowd", value="skipped: assets missing", ok=True)]
     arr = np.asarray(photo)
     _, rep = runner(arr, seed=0, return_report=True)
-    face = rep.faces[0].face
-    x0, y0, x1, y1 = (int(v) for v in face.box)
-    pad = (x1 - x0) // 2
-    cx, cy = max(0, x0 - pad), max(0, y0 - pad)
-    tile = arr[cy : y1 + pad, cx : x1 + pad]
-    th, tw = tile.shape[:2]
     cols = int(np.ceil(np.sqrt(n_faces * 1.6)))
     rows = int(np.ceil(n_faces / cols))
-    mosaic = np.ascontiguousarray(np.tile(tile, (rows, cols, 1)))
-    lms = np.stack([face.landmarks - [cx, cy] + [c * tw, r * th] for r in range(rows) for c in range(cols)])[:n_faces]
+    mosaic, lms, (th, tw) = face_mosaic(arr, rep.faces[0].face, n_faces, cols)
+    face_px = int(rep.faces[0].face.box[2] - rep.faces[0].face.box[0])
     before = rss()
     t0 = time.perf_counter()
     out, crowd = runner(mosaic, seed=0, faces=lms, return_report=True)
@@ -210,7 +205,7 @@ def case_crowd(runner, n_faces: int) -> list[dict]:
     _, detected = runner(mosaic, seed=0, return_report=True)
     took_detect = time.perf_counter() - t1
     return [
-        dict(case=f"{n_faces}-face crowd, landmarks given ({mosaic.shape[1]}x{mosaic.shape[0]}, faces ~{x1 - x0}px)",
+        dict(case=f"{n_faces}-face crowd, landmarks given ({mosaic.shape[1]}x{mosaic.shape[0]}, faces ~{face_px}px)",
              value=f"{took:.1f} s ({1000 * took / n_faces:.1f} ms/face), {crowd.changed} changed, {per_face_changed} tiles differ, RSS {before:.0f} -> {rss():.0f} MiB",
              ok=crowd.changed == n_faces and per_face_changed == n_faces and took < 10 * 60),
         dict(case="same crowd, dlib detection (on a 1280-px copy)", value=f"{took_detect:.1f} s, {len(detected.faces)} faces found", ok=True),

@@ -153,6 +153,7 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
     if not best_json.is_file():
         best_json = REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json"
     best = json.loads(best_json.read_text()) if best_json.is_file() else {}
+    step = best.get("step") if "selected" in best else None  # a hand-picked training checkpoint, not best/
     w = cfg.losses.weights
     sweep_rows = "\n".join(
         f"| {r['strength']:g} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['lpips']:.4f} | {r['whitebox_cos']:+.3f} |" for r in sweep["rows"])
@@ -192,15 +193,15 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         + (f"; a ghost EN (ours, after Li et al. 2020 and Wu et al. 2020): each step scales the skip input of every residual "
            f"addition of the EN by a random λ ∈ [{1 - cfg.transfer.ghost_skip:g}, {1 + cfg.transfer.ghost_skip:g}] and the "
            f"gradient through the residual branches by {cfg.transfer.skip_grad:g}, a virtual ensemble of EN variants"
-           if cfg.transfer.ghost else "")
+           if cfg.transfer.ghost_skip or cfg.transfer.skip_grad != 1 else "")
         + (f"; linear backpropagation (Guo et al. 2020) through the EN's activations from {cfg.transfer.linbp_from:.0%} of "
            "its depth on" if cfg.transfer.linbp_from < 1 else "")
         + ".",
         f"- Adam lr {cfg.optim.lr:g}, batch {cfg.optim.batch_size}, bf16 autocast, on a 2-core CPU; selected checkpoint "
         f"{json.dumps(best)}. Reproduce: `python training/train.py --config training/configs/{cfg.name}.yaml"
-        + (f" --max-steps {best['step']}`" if "selected" in best and "step" in best else "`")
+        + (f" --max-steps {step}`" if step is not None else "`")
         + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from else "")
-        + (f", then export `checkpoints/step_{best['step']:09d}`" if "selected" in best and "step" in best else "")
+        + (f", then export `checkpoints/step_{step:09d}`" if step is not None else "")
         + "; see `training/README.md`.\n",
         "## Strength sweep (validation covers)\n",
         "| strength | PSNR dB | SSIM | LPIPS(alex) | EN cos(C, D) |\n|---:|---:|---:|---:|---:|\n" + sweep_rows + "\n",

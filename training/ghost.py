@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,17 +33,22 @@ def _scale_grad(x: torch.Tensor, gamma: float) -> torch.Tensor:
     return x * gamma + (x * (1.0 - gamma)).detach()
 
 
+def _fx(module: nn.Module) -> tuple[Any, dict[str, nn.Module]]:
+    """The ``torch.fx`` graph of a converted network and its modules by name."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        raise ConfigError("ghost EN needs a torch.fx recogniser (an onnx: EN converted by onnx2torch)")
+    return graph, dict(module.named_modules())
+
+
 def residual_adds(module: nn.Module) -> list[tuple[nn.Module, int]]:
     """The residual additions of an fx-converted network: ``(add module, index of its skip input)``.
 
     An addition of two computed tensors is residual; its skip input is the one computed earlier
     (the branch is computed from it).
     """
-    graph = getattr(module, "graph", None)
-    if graph is None:
-        raise ConfigError("ghost EN needs a torch.fx recogniser (an onnx: EN converted by onnx2torch)")
+    graph, modules = _fx(module)
     order = {node: i for i, node in enumerate(graph.nodes)}
-    modules = dict(module.named_modules())
     out = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 2 or not all(a in order for a in node.args):
@@ -58,10 +64,7 @@ def residual_adds(module: nn.Module) -> list[tuple[nn.Module, int]]:
 
 def activations(module: nn.Module) -> list[nn.Module]:
     """The activation modules (PReLU, ReLU, ...) of an fx-converted network, in graph order."""
-    graph = getattr(module, "graph", None)
-    if graph is None:
-        raise ConfigError("ghost EN needs a torch.fx recogniser (an onnx: EN converted by onnx2torch)")
-    modules = dict(module.named_modules())
+    graph, modules = _fx(module)
     names = ("relu", "prelu", "leakyrelu")
     return [
         modules[n.target]
@@ -91,10 +94,12 @@ class GhostSkips:
             )
         self.adds = residual_adds(net)
         self.tau, self.gamma = float(tau), float(gamma)
-        acts = activations(net) if linear_from < 1.0 else []
-        if linear_from < 1.0 and not acts:
-            raise ConfigError("ghost EN: linbp_from < 1 but the recogniser has no ReLU/PReLU activations")
-        self.linear = acts[round(linear_from * len(acts)) :]
+        self.linear: list[nn.Module] = []
+        if linear_from < 1.0:
+            acts = activations(net)
+            if not acts:
+                raise ConfigError("ghost EN: linbp_from < 1 but the recogniser has no ReLU/PReLU activations")
+            self.linear = acts[round(linear_from * len(acts)) :]
 
     @contextlib.contextmanager
     def draw(self, batch: int, gen: torch.Generator) -> Iterator[None]:

@@ -5,7 +5,8 @@
 
 Every number in the card is read from the files given: ``sweep.json`` of ``training/select_strength.py``
 (validation covers), ``results.json`` of ``featdeid eval`` (test sets) and the exported checkpoint's
-``best.json`` (``FOLDER/checkpoint.json``, else the training run's ``best/best.json``). Nothing is typed in
+``best.json`` (``FOLDER/checkpoint.json``, else the training run's ``best/best.json``; a hand-picked
+checkpoint adds ``selected``, and ``resume`` when its run continued another run's state). Nothing is typed in
 by hand. The Hub folder keeps these files (``sweep.json``, ``eval_lfw.json``, ``eval_celeba.json``,
 ``checkpoint.json``) beside the card, so the card can be rebuilt from them and checked.
 """
@@ -199,8 +200,9 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         + ".",
         f"- Adam lr {cfg.optim.lr:g}, batch {cfg.optim.batch_size}, bf16 autocast, on a 2-core CPU; selected checkpoint "
         f"{json.dumps(best)}. Reproduce: `python training/train.py --config training/configs/{cfg.name}.yaml"
+        + (f" --resume {best['resume']}" if best.get("resume") else "")
         + (f" --max-steps {step}`" if step is not None else "`")
-        + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from else "")
+        + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from and not best.get("resume") else "")
         + (f", then export `checkpoints/step_{step:09d}`" if step is not None else "")
         + "; see `training/README.md`.\n",
         "## Strength sweep (validation covers)\n",

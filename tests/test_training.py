@@ -137,6 +137,14 @@ def test_near_and_far_losses_on_known_features():
     assert torch.allclose(near_loss(x, y), torch.tensor([1.0, 2.0]))
     assert torch.allclose(far_loss(x, y, "cos"), torch.tensor([0.0, -1.0]))
     assert torch.allclose(far_loss(x, y, "relu"), torch.tensor([0.0, 0.0]))
+    c = torch.randn(5, 8)
+    d = torch.randn(5, 8, requires_grad=True)
+    cos = torch.nn.functional.cosine_similarity(c, d, dim=1)
+    hard = far_loss(c, d, "hard")
+    worst = cos.topk(3).values
+    assert torch.allclose(hard.mean(), worst.mean()) and int((hard != 0).sum()) == 3
+    hard.mean().backward()
+    assert int((d.grad.abs().sum(1) > 0).sum()) == 3  # the easier faces get no far gradient
 
 
 def test_total_loss_is_the_weighted_sum(faces64):

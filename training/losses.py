@@ -14,8 +14,8 @@ values across processes; training takes the batch mean.
 - ``near``  ``1 - cos(f(E), f(D))``.
 - ``far``   ``cos(f(C), f(D))`` (``far_mode: cos``, default: the paper's "decrease the cosine
   similarity"), ``max(cos(f(C), f(D)), 0)`` (``far_mode: relu``: stop once D is orthogonal to C) or,
-  ours, twice the cosine on the half of the batch where it is highest and 0 on the rest (``far_mode:
-  hard``, the mean of the worst half: the faces still recognised, which are what ASR counts).
+  ours, the cosine on the half of the batch where it is highest, scaled so its batch mean is their
+  mean, and 0 on the rest (``far_mode: hard``: the faces still recognised, which are what ASR counts).
 - ``budget`` ours: a quality budget instead of a trade-off, ``max(mse / m0 - 1, 0)`` with
   ``m0 = 10 ** (-budget_psnr / 10)``: free while D stays within ``budget_psnr`` dB of C, steep beyond.
   Trains the network at its operating point (strength 1 = the PSNR budget) rather than at a residual
@@ -119,9 +119,9 @@ def near_loss(embed_feat: torch.Tensor, deid_feat: torch.Tensor) -> torch.Tensor
 
 
 def far_loss(cover_feat: torch.Tensor, deid_feat: torch.Tensor, mode: str = "cos") -> torch.Tensor:
-    """``cos(f(C), f(D))`` (``mode='cos'``), ``max(cos, 0)`` (``'relu'``) or, per sample, ``2 cos`` on the
-    ``ceil(B / 2)`` highest cosines of the batch and 0 elsewhere (``'hard'``; its batch mean is the mean
-    of the worst half)."""
+    """``cos(f(C), f(D))`` (``mode='cos'``), ``max(cos, 0)`` (``'relu'``) or, per sample, ``B / k · cos``
+    on the ``k = ceil(B / 2)`` highest cosines of the batch and 0 elsewhere (``'hard'``; its batch mean
+    is the mean of the worst half)."""
     cos = F.cosine_similarity(cover_feat.float(), deid_feat.float(), dim=1)
     if mode == "relu":
         return cos.clamp_min(0.0)

@@ -514,3 +514,34 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
     steps = [int(r["step"]) for r in _train_rows(tmp_path / "split")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir):
+    from featdeid.recognisers import load_recogniser
+    from training.experiment import build_loss, build_recogniser
+    from training.robust_en import main as robust_main
+
+    cfg_path = _tiny_config(tmp_path, cache_dir)
+    out = tmp_path / "en" / "robust.onnx"
+    assert robust_main(["--config", str(cfg_path), "--output", str(out), "--steps", "3", "--batch-size", "4"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["train_images"] == 19 + 9 and report["val_covers"] == 5
+    assert report["before"]["clean"] == pytest.approx(1.0, abs=1e-4)
+    assert report["before"]["attacked"] < report["before"]["clean"]
+    en, robust = load_recogniser(f"onnx:{require_asset(*EN)}"), load_recogniser(f"onnx:{out}")
+    assert dict(en.net.named_modules()).keys() == dict(robust.net.named_modules()).keys()
+    changed = [not torch.equal(a, b) for a, b in zip(en.state_dict().values(), robust.state_dict().values())]
+    assert any(changed)
+    frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cos = (en.embed(frames) * robust.embed(frames)).sum(1)
+    assert bool((cos < 0.99999).any())
+    assert report["after"]["clean"] > 0.8  # still the EN's function on real faces
+    cfg = load_config(cfg_path)
+    swapped = config_from_dict({**json.loads(cfg_path.read_text()), "recogniser": f"onnx:{out}",
+                                "losses": {**json.loads(cfg_path.read_text())["losses"], "mid_layers": ["net.Add_32"],
+                                           "weights": {"rec": 1.0, "near": 0.1, "far": 0.1, "mid": 0.1}}})
+    assert build_loss(swapped, build_recogniser(swapped)).tap is not None
+    with pytest.raises(ConfigError):
+        robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--eps", "0"])
+    assert not (tmp_path / "bad.onnx").exists() and cfg.recogniser.startswith("onnx:")

@@ -525,6 +525,7 @@ def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir):
     out = tmp_path / "en" / "robust.onnx"
     assert robust_main(["--config", str(cfg_path), "--output", str(out), "--steps", "3", "--batch-size", "4"]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
+    assert out.stat().st_mode & 0o044  # readable like any other written file, not mkstemp's 0600
     assert report["train_images"] == 19 + 9 and report["val_covers"] == 5
     assert report["before"]["clean"] == pytest.approx(1.0, abs=1e-4)
     assert report["before"]["attacked"] < report["before"]["clean"]

@@ -97,13 +97,14 @@ def distill(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Fine-tune a copy of the config's EN to be slightly robust; returns it and a report."""
+    """Fine-tune a copy of the config's EN to be slightly robust (on the GPU if there is one); returns it (on the CPU) and a report."""
     from tqdm.auto import tqdm
 
     if eps <= 0 or steps < 1 or batch_size < 1:
         raise ConfigError("robust EN: need eps > 0, steps >= 1 and batch_size >= 1")
     data = build_data(cfg, progress=progress)
-    teacher = build_recogniser(cfg)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = build_recogniser(cfg).to(dev)
     student = copy.deepcopy(teacher).eval()
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
@@ -111,7 +112,7 @@ def distill(
     pool = [(data.covers, int(i)) for i in data.cover_train]
     if data.embeds is not None and data.embed_train is not None:
         pool += [(data.embeds, int(i)) for i in data.embed_train]
-    val = torch.stack([to_tensor(data.covers.get(int(i))) for i in data.cover_val[:128]])
+    val = torch.stack([to_tensor(data.covers.get(int(i))) for i in data.cover_val[:128]]).to(dev)
     report: dict[str, Any] = {
         "recogniser": cfg.exported_recogniser(), "eps": eps, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
         "train_images": len(pool), "val_covers": len(val), "before": measure(teacher, teacher, val, eps, seed),
@@ -123,11 +124,11 @@ def distill(
         x = torch.stack([to_tensor(pool[k][0].get(pool[k][1])) for k in pick])
         flip = torch.rand(batch_size, generator=gen) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        x = en_view(x, cfg.transfer, gen) if cfg.transfer.enabled else x
+        x = (en_view(x, cfg.transfer, gen) if cfg.transfer.enabled else x).to(dev)
         with torch.no_grad():
             target = teacher.embed(x)
         delta = l2_attack(student, x, target, eps, gen=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             both = student.embed(torch.cat([x, (x + delta).clamp(0, 1)])).float()
         loss = (1 - (both * torch.cat([target, target])).sum(1)).mean() * 2
         opt.zero_grad(set_to_none=True)
@@ -136,7 +137,7 @@ def distill(
     for p in params:
         p.requires_grad_(False)
     report["after"] = measure(student, teacher, val, eps, seed)
-    return student, report
+    return student.cpu(), report
 
 
 def export_onnx(recogniser: torch.nn.Module, source: str | Path, output: str | Path) -> Path:
@@ -163,6 +164,9 @@ def export_onnx(recogniser: torch.nn.Module, source: str | Path, output: str | P
         for new, old in zip(out.graph.node, src.graph.node):
             new.name = old.name
         onnx.save(out, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):

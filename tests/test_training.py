@@ -538,11 +538,11 @@ def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir):
         cos = (en.embed(frames) * robust.embed(frames)).sum(1)
     assert bool((cos < 0.99999).any())
     assert report["after"]["clean"] > 0.8  # still the EN's function on real faces
-    cfg = load_config(cfg_path)
-    swapped = config_from_dict({**json.loads(cfg_path.read_text()), "recogniser": f"onnx:{out}",
-                                "losses": {**json.loads(cfg_path.read_text())["losses"], "mid_layers": ["net.Add_32"],
+    raw = json.loads(cfg_path.read_text())
+    swapped = config_from_dict({**raw, "recogniser": f"onnx:{out}",
+                                "losses": {**raw["losses"], "mid_layers": ["net.Add_32"],
                                            "weights": {"rec": 1.0, "near": 0.1, "far": 0.1, "mid": 0.1}}})
     assert build_loss(swapped, build_recogniser(swapped)).tap is not None
     with pytest.raises(ConfigError):
         robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--eps", "0"])
-    assert not (tmp_path / "bad.onnx").exists() and cfg.recogniser.startswith("onnx:")
+    assert not (tmp_path / "bad.onnx").exists()

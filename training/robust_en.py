@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 import warnings
@@ -35,6 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featdeid.errors import ConfigError  # noqa: E402
+from featdeid.images import atomic_write  # noqa: E402
 from training.augment import en_view  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import to_tensor  # noqa: E402
@@ -145,33 +145,21 @@ def export_onnx(recogniser: torch.nn.Module, source: str | Path, output: str | P
     import onnx
 
     src = onnx.load(str(source))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     h, w = recogniser.input_hw
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=output.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                recogniser.net.eval(), torch.zeros(1, 3, h, w), tmp, input_names=["input"], output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=13, dynamo=False,
-            )
-        out = onnx.load(tmp)
-        ops = [n.op_type for n in out.graph.node]
-        if ops != [n.op_type for n in src.graph.node]:
-            raise ConfigError(f"re-exported graph of {source} differs from the source ({len(ops)} vs {len(src.graph.node)} nodes)")
-        for new, old in zip(out.graph.node, src.graph.node):
-            new.name = old.name
-        onnx.save(out, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return output
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            recogniser.net.eval(), torch.zeros(1, 3, h, w), f"{tmp}/net.onnx", input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=13, dynamo=False,
+        )
+        out = onnx.load(f"{tmp}/net.onnx")
+    ops = [n.op_type for n in out.graph.node]
+    if ops != [n.op_type for n in src.graph.node]:
+        raise ConfigError(f"re-exported graph of {source} differs from the source ({len(ops)} vs {len(src.graph.node)} nodes)")
+    for new, old in zip(out.graph.node, src.graph.node):
+        new.name = old.name
+    atomic_write(out.SerializeToString(), output)
+    return Path(output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"robust EN: the config's recogniser must be ONNX, got {cfg.recogniser!r}")
     student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed)
     out = export_onnx(student, student.source_path, args.output)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write((json.dumps(report, indent=2) + "\n").encode(), out.with_suffix(".json"))
     print(json.dumps(report))
     return 0
 

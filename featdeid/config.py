@@ -41,6 +41,8 @@ class ModelConfig:
     """Architecture and provenance of a hiding network.
 
     ``channel_mults`` sets the U-Net depth (one encoder level each, each level halves the size).
+    ``flip_average``: the residual is the mean of the network's residual for C and for C's mirror
+    image (mirrored back), which keeps the part of the change that other recognisers also read.
     """
 
     image_size: int = 256
@@ -52,6 +54,7 @@ class ModelConfig:
     frame: str = "arcface112@0.6875+(0.15625,0.1875)"
     recogniser: str = ""
     default_strength: float = 1.0
+    flip_average: bool = False
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -79,6 +82,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not self.frame.startswith("arcface112@"):
             raise ConfigError(f"unknown face frame {self.frame!r}; this featdeid knows 'arcface112@...'")
+        if not isinstance(self.flip_average, bool):
+            raise ConfigError(f"flip_average must be true or false, got {self.flip_average!r}")
         strength = self.default_strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 4:
             raise ConfigError(f"default_strength must be a number in [0, 4], got {self.default_strength!r}")

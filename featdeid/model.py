@@ -133,13 +133,27 @@ class HidingNetwork(nn.Module):
         return self.config.feature_dim
 
     def residual(self, cover: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        """The change ``D - C`` before clamping. ``cover`` ``(B, 3, S, S)``, ``feature`` ``(B, D)``."""
+        """The change ``D - C`` before clamping. ``cover`` ``(B, 3, S, S)``, ``feature`` ``(B, D)``.
+
+        With ``config.flip_average`` it is the mean of the U-Net's change for C and for C mirrored
+        left-right (mirrored back): two passes of B (faster on CPU than one of 2B), the mirror in C's
+        memory format.
+        """
         s = self.config.image_size
         if cover.shape[-2:] != (s, s) or cover.shape[1] != 3:
             raise ValueError(f"cover must be (B, 3, {s}, {s}), got {tuple(cover.shape)}")
         if feature.shape != (cover.shape[0], self.config.feature_dim):
             raise ValueError(f"feature must be (B, {self.config.feature_dim}), got {tuple(feature.shape)}")
-        x = torch.cat([cover, tile_feature(feature.to(cover.dtype), s)], dim=1)
+        if not self.config.flip_average:
+            return self.unet(cover, feature)
+        mirror = cover.flip(-1)
+        if cover.is_contiguous(memory_format=torch.channels_last):
+            mirror = mirror.contiguous(memory_format=torch.channels_last)
+        return 0.5 * (self.unet(cover, feature) + self.unet(mirror, feature).flip(-1))
+
+    def unet(self, cover: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The U-Net's own change for ``cover`` ``(B, 3, S, S)`` and ``feature`` ``(B, D)``, unaveraged."""
+        x = torch.cat([cover, tile_feature(feature.to(cover.dtype), self.config.image_size)], dim=1)
         x = self.stem(x)
         skips = []
         for down in self.downs:

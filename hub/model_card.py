@@ -171,7 +171,10 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         "## Model\n",
         f"- U-Net hiding network, {model_cfg['image_size']}×{model_cfg['image_size']} input, base width "
         f"{model_cfg['base_channels']}, channel multipliers {model_cfg['channel_mults']}; applied to larger faces by "
-        "upsampling its residual. Weights stored as float16 (safetensors).",
+        "upsampling its residual. Weights stored as float16 (safetensors)."
+        + (" Test-time mirror averaging (`flip_average`): the change applied is the mean of the network's change for the "
+           "face and for its mirror image (mirrored back), which keeps the part other recognisers also read; it costs a "
+           "second pass." if model_cfg.get("flip_average") else ""),
         f"- Identity bank: EN features of the training split of the GAN faces (no real person); each face gets one, seeded.",
         f"- EN (extracting network, white-box): `{model_cfg['recogniser']}` (MobileFaceNet-style, 512-d, MIT-licensed "
         "vendor weights of unknown training data).",
@@ -204,6 +207,7 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         + (f" --max-steps {step}`" if step is not None else "`")
         + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from and not best.get("resume") else "")
         + (f", then export `checkpoints/step_{step:09d}`" if step is not None else "")
+        + (" with `--flip-average`" if step is not None and model_cfg.get("flip_average") else "")
         + "; see `training/README.md`.\n",
         "## Strength sweep (validation covers)\n",
         "| strength | PSNR dB | SSIM | LPIPS(alex) | EN cos(C, D) |\n|---:|---:|---:|---:|---:|\n" + sweep_rows + "\n",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -66,6 +67,7 @@ def test_paper_config_is_the_paper_size():
     [
         dict(image_size=100), dict(channel_mults=()), dict(base_channels=0), dict(feature_dim=500), dict(default_strength=-1),
         dict(image_size="256"), dict(default_strength=True), dict(recogniser=5), dict(frame="other-template"),
+        dict(flip_average="yes"),
     ],
 )
 def test_config_validation(bad):
@@ -90,6 +92,26 @@ def test_save_load_round_trip(tmp_path, random_model):
     with torch.inference_mode():
         assert (half(c, e) - random_model(c, e)).abs().max() < 5e-3
     assert torch.equal(half.identity_bank, random_model.identity_bank)  # bank stays float32
+
+
+def test_flip_average_is_mirror_equivariant_and_travels_with_the_config(tmp_path, random_model):
+    flipped = HidingNetwork(dataclasses.replace(random_model.config, flip_average=True), random_model.identity_bank)
+    flipped.load_state_dict(random_model.state_dict())
+    c = torch.rand(3, 3, 64, 64)
+    e = random_model.identity_bank[:3]
+    with torch.inference_mode():
+        plain = random_model.residual(c, e)
+        r = flipped.residual(c, e)
+        torch.testing.assert_close(r, 0.5 * (plain + random_model.residual(c.flip(-1), e).flip(-1)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(flipped.residual(c.flip(-1), e), r.flip(-1), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(r, plain, atol=1e-3)  # the random network is not mirror-symmetric
+    loaded = HidingNetwork.from_pretrained(flipped.save_pretrained(tmp_path / "f"))
+    assert loaded.config.flip_average is True
+    with torch.inference_mode():
+        assert torch.equal(loaded(c, e), flipped(c, e))
+    data = json.loads((random_model.save_pretrained(tmp_path / "p") / "config.json").read_text())
+    assert data.pop("flip_average") is False
+    assert ModelConfig.from_dict(data).flip_average is False  # configs written before the key load unchanged
 
 
 def test_refuses_pickles_and_bad_configs(tmp_path, random_model):

@@ -239,6 +239,20 @@ def test_ghost_en_erodes_skips_per_draw_and_scales_branch_gradients(faces64):
     assert torch.allclose(out, clean, atol=1e-5)  # linear backpropagation changes the backward pass only
     out.sum().backward()
     assert F.cosine_similarity(g_clean.flatten(), xr.grad.flatten(), dim=0) < 0.99
+    grads = {}
+    for mix in (1.0, 0.3):  # only the last PReLU: its backward mixes the identity's and its own
+        xr.grad = None
+        with GhostSkips(en.net, linear_from=32 / 33, linear_mix=mix).draw(2, torch.Generator()):
+            out = en.embed(xr)
+        assert torch.equal(out, clean)
+        out.sum().backward()
+        grads[mix] = xr.grad.clone()
+    xr.grad = None
+    en.embed(xr).sum().backward()
+    torch.testing.assert_close(grads[0.3], 0.3 * grads[1.0] + 0.7 * xr.grad, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(grads[0.3], xr.grad, atol=1e-5)
+    with pytest.raises(ConfigError, match="linbp_mix"):
+        GhostSkips(en.net, linear_mix=0.0)
     with pytest.raises(ConfigError, match="skip_grad"):
         GhostSkips(en.net, gamma=0.0)
     with pytest.raises(ConfigError, match="linbp_from"):
@@ -477,8 +491,9 @@ def test_a_training_checkpoint_exports_as_a_model_folder(two_process_run, tmp_pa
     ckpt = sorted((two_process_run / "checkpoints").glob("step_*"))[-1]
     out = tmp_path / "from_ckpt"
     _run([sys.executable, str(REPO / "training" / "export.py"), "--config", str(two_process_run.parent / "tiny.yaml"),
-          "--weights", str(ckpt), "--output", str(out)])
+          "--weights", str(ckpt), "--output", str(out), "--flip-average"])
     model = HidingNetwork.from_pretrained(out)
+    assert model.config.flip_average and not HidingNetwork.from_pretrained(two_process_run / "model").config.flip_average
     from featdeid.weights import load_safetensors
 
     trained = load_safetensors(ckpt / "model.safetensors")

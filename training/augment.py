@@ -47,6 +47,7 @@ class TransferConfig:
     ghost_skip: float = 0.0  # skip erosion tau of the ghost EN (training/ghost.py); 0 = off
     skip_grad: float = 1.0  # skip-gradient gamma of the ghost EN; 1 = off
     linbp_from: float = 1.0  # activations from this fraction of the EN on are linear in backward; 1 = off
+    linbp_mix: float = 1.0  # share of the identity in those activations' backward (1 = fully linear)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
@@ -57,8 +58,10 @@ class TransferConfig:
             raise ConfigError("transfer: need 0 < blur_sigma[0] <= [1], 1 <= jpeg_quality[0] <= [1] <= 100, p in [0, 1]")
         if not (0 <= self.crop_scale < 1 and 0 <= self.crop_shift < 0.5):
             raise ConfigError("transfer: need 0 <= crop_scale < 1 and 0 <= crop_shift < 0.5")
-        if not (0 <= self.ghost_skip < 1 and 0 < self.skip_grad <= 1 and 0 <= self.linbp_from <= 1):
-            raise ConfigError("transfer: need 0 <= ghost_skip < 1, 0 < skip_grad <= 1 and 0 <= linbp_from <= 1")
+        if not (0 <= self.ghost_skip < 1 and 0 < self.skip_grad <= 1 and 0 <= self.linbp_from <= 1 and 0 < self.linbp_mix <= 1):
+            raise ConfigError(
+                "transfer: need 0 <= ghost_skip < 1, 0 < skip_grad <= 1, 0 <= linbp_from <= 1 and 0 < linbp_mix <= 1"
+            )
 
     @property
     def ghost(self) -> bool:

@@ -93,10 +93,12 @@ def _ours(cfg: TrainConfig) -> str:
 
 
 def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, recogniser: torch.nn.Module | None = None,
-                 data: ExperimentData | None = None, device: torch.device | str = "cpu", half: bool = False) -> Path:
+                 data: ExperimentData | None = None, device: torch.device | str = "cpu", half: bool = False,
+                 flip_average: bool | None = None) -> Path:
     """Write the model folder from trained weights (a folder saved by ``save_pretrained``, or a training
     checkpoint ``RUN/checkpoints/step_N``); ``half``
-    stores the weights as float16 (half the size; they run in float32 after loading)."""
+    stores the weights as float16 (half the size; they run in float32 after loading); ``flip_average``
+    (``None``: as trained) sets the exported model's test-time mirror averaging."""
     from training.experiment import build_data, build_recogniser
 
     weights, output = Path(weights), Path(output)
@@ -112,6 +114,8 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     data = data if data is not None else build_data(cfg, progress=False)
     bank = identity_bank(recogniser, data, cfg, device=device)
     config = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser())
+    if flip_average is not None:
+        config = dataclasses.replace(config, flip_average=flip_average)
     model = HidingNetwork(config, identity_bank=bank)
     state = {**net.state_dict(), "identity_bank": bank}
     model.load_state_dict(state, strict=True)
@@ -128,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", required=True, help="RUN/best (config.json + model.safetensors) or a checkpoint RUN/checkpoints/step_N")
     p.add_argument("--output", required=True, help="model folder to write")
     p.add_argument("--half", action="store_true", help="store float16 weights")
+    p.add_argument("--flip-average", action="store_true",
+                   help="the exported model averages its change for the face and its mirror image (ModelConfig.flip_average)")
     args = p.parse_args(argv)
     try:
-        out = export_model(args.weights, load_config(args.config), args.output, half=args.half)
+        out = export_model(args.weights, load_config(args.config), args.output, half=args.half,
+                           flip_average=True if args.flip_average else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

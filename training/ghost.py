@@ -13,7 +13,8 @@ of a converted (``torch.fx``) recogniser:
 - linear backpropagation (Guo et al., "Backpropagating Linearly Improves Transferability of
   Adversarial Examples", NeurIPS 2020): from a point of the network on, the activations
   (PReLU/ReLU) pass the gradient as if they were the identity (forward unchanged), so the gradient
-  follows the network's linear part, which transfers better than its piecewise gates.
+  follows the network's linear part, which transfers better than its piecewise gates; with
+  ``mix < 1`` the backward is ``mix * identity + (1 - mix) * the activation's own gradient``.
 """
 
 from __future__ import annotations
@@ -73,27 +74,36 @@ def activations(module: nn.Module) -> list[nn.Module]:
     ]
 
 
-def _linear_backward(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the activation's output forward, the identity's gradient backward."""
-    x = args[0]
-    return x + (out - x).detach() if x.requires_grad else out
+def _linear_backward(mix: float):
+    """Forward hook: the activation's output forward; ``mix`` identity + ``1 - mix`` its own gradient backward."""
+
+    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if not x.requires_grad:
+            return out
+        return out + mix * ((x - x.detach()) - (out - out.detach()))
+
+    return hook
 
 
 class GhostSkips:
     """Skip erosion ``tau``, skip gradient ``gamma`` and linear backpropagation on ``net``.
 
     ``linear_from`` in [0, 1] is the position (fraction of the activations in graph order) from
-    which activations are linear in the backward pass; 1 turns it off.
+    which activations are linear in the backward pass; 1 turns it off. ``linear_mix`` in (0, 1]
+    is how linear: the share of the identity in their backward.
     """
 
-    def __init__(self, net: nn.Module, tau: float = 0.0, gamma: float = 1.0, linear_from: float = 1.0) -> None:
-        if not 0.0 <= tau < 1.0 or not 0.0 < gamma <= 1.0 or not 0.0 <= linear_from <= 1.0:
+    def __init__(
+        self, net: nn.Module, tau: float = 0.0, gamma: float = 1.0, linear_from: float = 1.0, linear_mix: float = 1.0
+    ) -> None:
+        if not 0.0 <= tau < 1.0 or not 0.0 < gamma <= 1.0 or not 0.0 <= linear_from <= 1.0 or not 0.0 < linear_mix <= 1.0:
             raise ConfigError(
-                "ghost EN: need 0 <= ghost_skip < 1, 0 < skip_grad <= 1 and 0 <= linbp_from <= 1, "
-                f"got {tau}, {gamma}, {linear_from}"
+                "ghost EN: need 0 <= ghost_skip < 1, 0 < skip_grad <= 1, 0 <= linbp_from <= 1 and 0 < linbp_mix <= 1, "
+                f"got {tau}, {gamma}, {linear_from}, {linear_mix}"
             )
         self.adds = residual_adds(net)
-        self.tau, self.gamma = float(tau), float(gamma)
+        self.tau, self.gamma, self.mix = float(tau), float(gamma), float(linear_mix)
         self.linear: list[nn.Module] = []
         if linear_from < 1.0:
             acts = activations(net)
@@ -118,7 +128,7 @@ class GhostSkips:
             return pre
 
         handles = [m.register_forward_pre_hook(hook(i, lam)) for (m, i), lam in zip(self.adds, lambdas)]
-        handles += [m.register_forward_hook(_linear_backward) for m in self.linear]
+        handles += [m.register_forward_hook(_linear_backward(self.mix)) for m in self.linear]
         try:
             yield
         finally:

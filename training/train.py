@@ -168,7 +168,7 @@ def train(
     en = build_recogniser(cfg).to(acc.device)
     loss_fn = build_loss(cfg, en).to(acc.device)
     t = cfg.transfer
-    ghost = GhostSkips(getattr(en, "net", en), t.ghost_skip, t.skip_grad, t.linbp_from) if t.ghost else None
+    ghost = GhostSkips(getattr(en, "net", en), t.ghost_skip, t.skip_grad, t.linbp_from, t.linbp_mix) if t.ghost else None
     model = HidingNetwork(cfg.model)
     if cfg.run.init_from and resume is None:
         init_weights(model, cfg.run.init_from)

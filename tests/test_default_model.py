@@ -67,9 +67,10 @@ def test_hub_copy_matches_and_card_has_metadata(folder: Path) -> None:
 def test_card_is_rebuilt_from_its_measurements(tmp_path: Path) -> None:
     """Every number of the card comes from the measurement files kept beside it (nothing typed in)."""
     out = tmp_path / "README.md"
+    checkpoint = json.loads((HUB_COPY / "checkpoint.json").read_text())
     cmd = [
         sys.executable, str(REPO_ROOT / "hub" / "model_card.py"), str(HUB_COPY),
-        "--config", str(REPO_ROOT / "training" / "configs" / "default_cpu_ghost_tau02.yaml"),
+        "--config", str(REPO_ROOT / "training" / "configs" / f"{checkpoint.get('config', 'default_cpu_ghost_tau02')}.yaml"),
         "--sweep", str(HUB_COPY / "sweep.json"), "--eval", str(HUB_COPY / "eval_lfw.json"),
         "--eval-celeba", str(HUB_COPY / "eval_celeba.json"), "--output", str(out),
     ]

@@ -561,3 +561,12 @@ def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir):
     with pytest.raises(ConfigError):
         robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--eps", "0"])
     assert not (tmp_path / "bad.onnx").exists()
+    # --init continues from an earlier robust EN; the teacher stays the config's EN
+    more = tmp_path / "en" / "more.onnx"
+    assert robust_main(["--config", str(cfg_path), "--output", str(more), "--steps", "2", "--batch-size", "4", "--eps", "3", "--init", str(out)]) == 0
+    cont = json.loads(more.with_suffix(".json").read_text())
+    assert cont["init"] == str(out) and cont["eps"] == 3.0
+    assert cont["before"]["clean"] == pytest.approx(report["after"]["clean"], abs=1e-3)
+    with pytest.raises(ConfigError, match="does not exist"):
+        robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--init", str(tmp_path / "missing.onnx")])
+    assert not (tmp_path / "bad.onnx").exists()

@@ -14,13 +14,15 @@ The student is written as ONNX with the EN's own node names, so a training confi
         --output runs/robust_en/fr_feature_eps2.onnx --eps 2 --steps 600
 
 It also writes ``<output>.json``: the settings and the clean / attacked cosine to the EN on the
-validation covers before and after.
+validation covers before and after. ``--init EARLIER.onnx`` continues an earlier student (e.g. at a
+larger ``--eps``) instead of starting from the EN; the teacher is always the config's EN.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -96,8 +98,13 @@ def distill(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Fine-tune a copy of the config's EN to be slightly robust (on the GPU if there is one); returns it (on the CPU) and a report."""
+    """Fine-tune a copy of the config's EN to be slightly robust (on the GPU if there is one); returns it (on the CPU) and a report.
+
+    ``init``: an ONNX with the EN's graph (an earlier robust EN) to start the student from; the
+    teacher stays the config's EN.
+    """
     from tqdm.auto import tqdm
 
     if eps <= 0 or steps < 1 or batch_size < 1:
@@ -105,7 +112,10 @@ def distill(
     data = build_data(cfg, progress=progress)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = build_recogniser(cfg).to(dev)
-    student = copy.deepcopy(teacher).eval()
+    if init is None:
+        student = copy.deepcopy(teacher).eval()
+    else:
+        student = build_recogniser(dataclasses.replace(cfg, recogniser=f"onnx:{init}")).to(dev)
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -115,7 +125,8 @@ def distill(
     val = torch.stack([to_tensor(data.covers.get(int(i))) for i in data.cover_val[:128]]).to(dev)
     report: dict[str, Any] = {
         "recogniser": cfg.exported_recogniser(), "eps": eps, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-        "train_images": len(pool), "val_covers": len(val), "before": measure(teacher, teacher, val, eps, seed),
+        "init": str(init) if init else None,
+        "train_images": len(pool), "val_covers": len(val), "before": measure(student, teacher, val, eps, seed),
     }
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -172,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--init", default=None, help="start the student from this ONNX (an earlier robust EN with the EN's graph) instead of the EN")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     if not cfg.recogniser.startswith("onnx:") and not cfg.recogniser.lower().endswith(".onnx"):
         raise ConfigError(f"robust EN: the config's recogniser must be ONNX, got {cfg.recogniser!r}")
-    student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed)
+    if args.init and not Path(args.init).is_file():
+        raise ConfigError(f"robust EN: --init {args.init} does not exist")
+    student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed, init=args.init)
     out = export_onnx(student, student.source_path, args.output)
     atomic_write((json.dumps(report, indent=2) + "\n").encode(), out.with_suffix(".json"))
     print(json.dumps(report))

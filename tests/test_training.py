@@ -531,7 +531,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir):
+def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir, capsys):
     from featdeid.recognisers import load_recogniser
     from training.experiment import build_loss, build_recogniser
     from training.robust_en import main as robust_main
@@ -558,8 +558,8 @@ def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir):
                                 "losses": {**raw["losses"], "mid_layers": ["net.Add_32"],
                                            "weights": {"rec": 1.0, "near": 0.1, "far": 0.1, "mid": 0.1}}})
     assert build_loss(swapped, build_recogniser(swapped)).tap is not None
-    with pytest.raises(ConfigError):
-        robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--eps", "0"])
+    assert robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--eps", "0"]) == 2
+    assert "error: robust EN: need eps > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad.onnx").exists()
     # --init continues from an earlier robust EN; the teacher stays the config's EN
     more = tmp_path / "en" / "more.onnx"
@@ -567,6 +567,6 @@ def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir):
     cont = json.loads(more.with_suffix(".json").read_text())
     assert cont["init"] == str(out) and cont["eps"] == 3.0
     assert cont["before"]["clean"] == pytest.approx(report["after"]["clean"], abs=1e-3)
-    with pytest.raises(ConfigError, match="does not exist"):
-        robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--init", str(tmp_path / "missing.onnx")])
+    assert robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--init", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx does not exist" in capsys.readouterr().err
     assert not (tmp_path / "bad.onnx").exists()

@@ -187,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    if not cfg.recogniser.startswith("onnx:") and not cfg.recogniser.lower().endswith(".onnx"):
-        raise ConfigError(f"robust EN: the config's recogniser must be ONNX, got {cfg.recogniser!r}")
-    if args.init and not Path(args.init).is_file():
-        raise ConfigError(f"robust EN: --init {args.init} does not exist")
-    student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed, init=args.init)
+    try:
+        cfg = load_config(args.config)
+        if not cfg.recogniser.startswith("onnx:") and not cfg.recogniser.lower().endswith(".onnx"):
+            raise ConfigError(f"robust EN: the config's recogniser must be ONNX, got {cfg.recogniser!r}")
+        if args.init and not Path(args.init).is_file():
+            raise ConfigError(f"robust EN: --init {args.init} does not exist")
+        student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed, init=args.init)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = export_onnx(student, student.source_path, args.output)
     atomic_write((json.dumps(report, indent=2) + "\n").encode(), out.with_suffix(".json"))
     print(json.dumps(report))

@@ -277,10 +277,23 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
     return "\n".join(parts) + "\n"
 
 
+def _config_from_checkpoint(folder: Path) -> Path:
+    """``training/configs/<config>.yaml`` for the config that ``folder/checkpoint.json`` names."""
+    ckpt = folder / "checkpoint.json"
+    name = json.loads(ckpt.read_text()).get("config") if ckpt.is_file() else None
+    if not name:
+        raise SystemExit(f"error: give --config ({ckpt} does not name the training config)")
+    path = REPO_ROOT / "training" / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: {ckpt} names config {name!r}, but {path} does not exist")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write a featdeid model card from measured results.")
     p.add_argument("folder", type=Path)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", default=None,
+                   help="training config YAML (default: training/configs/<name>.yaml for the 'config' named in FOLDER/checkpoint.json)")
     p.add_argument("--sweep", required=True, type=Path)
     p.add_argument("--eval", required=True, type=Path, nargs="+",
                    help="results.json of featdeid eval --set lfw (several: their methods in one table, e.g. the model and the baselines)")
@@ -291,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(REPO_ROOT))
     from training.config import load_config
 
-    text = card(args.folder, load_config(args.config), json.loads(args.sweep.read_text()), merge([json.loads(p.read_text()) for p in args.eval]),
+    config = args.config or _config_from_checkpoint(args.folder)
+    text = card(args.folder, load_config(config), json.loads(args.sweep.read_text()), merge([json.loads(p.read_text()) for p in args.eval]),
                 json.loads(args.eval_celeba.read_text()) if args.eval_celeba else None)
     out = args.output or args.folder / "README.md"
     out.write_text(text)

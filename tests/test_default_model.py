@@ -67,10 +67,8 @@ def test_hub_copy_matches_and_card_has_metadata(folder: Path) -> None:
 def test_card_is_rebuilt_from_its_measurements(tmp_path: Path) -> None:
     """Every number of the card comes from the measurement files kept beside it (nothing typed in)."""
     out = tmp_path / "README.md"
-    checkpoint = json.loads((HUB_COPY / "checkpoint.json").read_text())
     cmd = [
-        sys.executable, str(REPO_ROOT / "hub" / "model_card.py"), str(HUB_COPY),
-        "--config", str(REPO_ROOT / "training" / "configs" / f"{checkpoint.get('config', 'default_cpu_ghost_tau02')}.yaml"),
+        sys.executable, str(REPO_ROOT / "hub" / "model_card.py"), str(HUB_COPY),  # config: the one checkpoint.json names
         "--sweep", str(HUB_COPY / "sweep.json"), "--eval", str(HUB_COPY / "eval_lfw.json"),
         "--eval-celeba", str(HUB_COPY / "eval_celeba.json"), "--output", str(out),
     ]
@@ -83,6 +81,11 @@ def test_card_is_rebuilt_from_its_measurements(tmp_path: Path) -> None:
     assert f"{method['quality']['psnr']:.2f}" in out.read_text()
     for png in HUB_COPY.glob("lfw_*.png"):
         assert f"]({png.name})" in out.read_text()
+    bare = tmp_path / "bare"  # no checkpoint.json: the config must be given
+    bare.mkdir()
+    (bare / "config.json").write_text((HUB_COPY / "config.json").read_text())
+    proc = subprocess.run([*cmd[:2], str(bare), *cmd[3:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "give --config" in proc.stderr
 
 
 def test_default_is_the_packaged_model(folder: Path) -> None:

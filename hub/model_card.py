@@ -1,7 +1,9 @@
 """Write the model card (``README.md`` with Hub metadata) of a featdeid model folder from measurements.
 
-    python hub/model_card.py MODEL_FOLDER --config training/configs/X.yaml --sweep SWEEP/sweep.json \
+    python hub/model_card.py MODEL_FOLDER [--config training/configs/X.yaml] --sweep SWEEP/sweep.json \
         --eval EVAL/results.json [BASELINES/results.json ...] [--eval-celeba CELEBA/results.json] [--output OUT.md]
+
+``--config`` defaults to the training config that ``MODEL_FOLDER/checkpoint.json`` names (``config``).
 
 Every number in the card is read from the files given: ``sweep.json`` of ``training/select_strength.py``
 (validation covers), ``results.json`` of ``featdeid eval`` (test sets) and the exported checkpoint's

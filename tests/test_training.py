@@ -531,6 +531,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_missing_recogniser_fails_before_any_work(tmp_path, cache_dir, capsys):
+    from training.robust_en import main as robust_main
+
+    cfg = json.loads(_tiny_config(tmp_path, cache_dir).read_text())
+    cfg["recogniser"] = f"onnx:{tmp_path / 'no-such-en.onnx'}"
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")  # the data step would create it
+    path = tmp_path / "missing.yaml"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(path)], env=_env(), capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: ONNX model not found" in proc.stderr and "no-such-en.onnx" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert robust_main(["--config", str(path), "--output", str(tmp_path / "robust.onnx")]) == 2
+    assert "error: ONNX model not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists() and not (tmp_path / "robust.onnx").exists()
+
+
 def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir, capsys):
     from featdeid.recognisers import load_recogniser
     from training.experiment import build_loss, build_recogniser

@@ -124,7 +124,7 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
 
 
 def main(argv: list[str] | None = None) -> int:
-    from featdeid.errors import ConfigError
+    from featdeid.errors import FeatdeidError
     from training.config import load_config
 
     p = argparse.ArgumentParser(description="Export trained weights as a featdeid model folder.")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_model(args.weights, load_config(args.config), args.output, half=args.half,
                            flip_average=True if args.flip_average else None)
-    except ConfigError as e:
+    except FeatdeidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)

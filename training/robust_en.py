@@ -35,7 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featdeid.errors import ConfigError  # noqa: E402
+from featdeid.errors import ConfigError, FeatdeidError  # noqa: E402
 from featdeid.images import atomic_write  # noqa: E402
 from training.augment import en_view  # noqa: E402
 from training.config import load_config  # noqa: E402
@@ -109,13 +109,13 @@ def distill(
 
     if eps <= 0 or steps < 1 or batch_size < 1:
         raise ConfigError("robust EN: need eps > 0, steps >= 1 and batch_size >= 1")
-    data = build_data(cfg, progress=progress)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = build_recogniser(cfg).to(dev)
+    teacher = build_recogniser(cfg).to(dev)  # before the data: a missing recogniser fails fast
     if init is None:
         student = copy.deepcopy(teacher).eval()
     else:
         student = build_recogniser(dataclasses.replace(cfg, recogniser=f"onnx:{init}")).to(dev)
+    data = build_data(cfg, progress=progress)
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.init and not Path(args.init).is_file():
             raise ConfigError(f"robust EN: --init {args.init} does not exist")
         student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed, init=args.init)
-    except ConfigError as e:
+    except FeatdeidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = export_onnx(student, student.source_path, args.output)

@@ -137,7 +137,7 @@ def plot(rows: list[dict[str, float]], chosen: float | None, path: Path, targets
 
 
 def main(argv: list[str] | None = None) -> int:
-    from featdeid.errors import ConfigError
+    from featdeid.errors import FeatdeidError
     from featdeid.evaluation.metrics import default_lpips_weights
     from featdeid.images import atomic_write
     from training.config import load_config
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         lpw = args.lpips_weights or default_lpips_weights()
         frames, keys = validation_frames(cfg, limit=args.limit)
         rows = sweep(args.model, frames, keys, build_recogniser(cfg), strengths, lpw)
-    except ConfigError as e:
+    except FeatdeidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     targets = (args.min_psnr, args.min_ssim, args.max_lpips)

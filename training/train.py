@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 import torch
 from torch.utils.data import DataLoader
 
-from featdeid.errors import ConfigError
+from featdeid.errors import ConfigError, FeatdeidError
 from featdeid.faces.paste import apply_mask
 from featdeid.model import IDENTITY_BANK_KEY, HidingNetwork
 from training.augment import en_view
@@ -154,6 +154,7 @@ def train(
     acc = Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=use_cpu)
     set_seed(cfg.run.seed)
     main = acc.is_main_process
+    en = build_recogniser(cfg).to(acc.device)  # first: a missing recogniser fails before any file or data work
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
@@ -165,7 +166,6 @@ def train(
             skipped = sum(len(v) for v in r["skipped"].values())
             acc.print(f"data {r['source']}: {r['used']} of {r['total']} used, {skipped} skipped")
 
-    en = build_recogniser(cfg).to(acc.device)
     loss_fn = build_loss(cfg, en).to(acc.device)
     t = cfg.transfer
     ghost = GhostSkips(getattr(en, "net", en), t.ghost_skip, t.skip_grad, t.linbp_from, t.linbp_mix) if t.ghost else None
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, _parse_set(args.set))
         summary = train(cfg, args.output, args.resume, args.max_steps, args.cpu)
-    except ConfigError as e:
+    except FeatdeidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

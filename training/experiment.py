@@ -36,11 +36,17 @@ class ExperimentData:
         return out
 
 
+def build_covers(cfg: TrainConfig, progress: bool = True) -> tuple[AlignedImages, np.ndarray, np.ndarray]:
+    """The aligned (cached) covers C and their train / validation indices; E is not touched."""
+    d = cfg.data
+    covers = prepare_images(d.cover, cfg.model.image_size, "face", d.detector, d.cache_dir, progress)
+    return (covers, *split_indices(len(covers), d.val_fraction, d.split_seed))
+
+
 def build_data(cfg: TrainConfig, progress: bool = True) -> ExperimentData:
     """Align (cached) and split C and E; E from the same source as C uses C's split."""
     d, size = cfg.data, cfg.model.image_size
-    covers = prepare_images(d.cover, size, "face", d.detector, d.cache_dir, progress)
-    cover_train, cover_val = split_indices(len(covers), d.val_fraction, d.split_seed)
+    covers, cover_train, cover_val = build_covers(cfg, progress)
     embeds = embed_train = embed_val = None
     if d.embed_mode != "noise":
         assert d.embed is not None

@@ -39,10 +39,10 @@ def validation_frames(cfg: Any, size: int = FRAME, limit: int | None = None) -> 
     """The config's validation covers, detected (dlib) and aligned at ``size``: uint8 ``(N, 3, S, S)`` and keys."""
     from featdeid.faces.detect import get_detector
     from training.data import _largest_face, align_face, list_source
-    from training.experiment import build_data
+    from training.experiment import build_covers
 
-    data = build_data(cfg, progress=False)
-    keys = [data.covers.keys[int(i)] for i in data.cover_val][:limit]
+    covers, _, cover_val = build_covers(cfg, progress=False)
+    keys = [covers.keys[int(i)] for i in cover_val][:limit]
     loaders = dict(list_source(cfg.data.cover)[0])
     det = get_detector(cfg.data.detector)
     frames, used = [], []

@@ -88,6 +88,37 @@ def test_card_is_rebuilt_from_its_measurements(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "give --config" in proc.stderr
 
 
+def test_assemble_rebuilds_both_folders_from_the_measurements(tmp_path: Path, folder: Path) -> None:
+    """hub/assemble.py installs an export + its reports as the Hub folder and the package copy."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    for name in ("sweep.json", "sweep.png"):
+        (sweep / name).write_bytes((HUB_COPY / name).read_bytes())
+    hub, package = tmp_path / "hub", tmp_path / "package"
+    hub.mkdir()
+    (hub / "lfw_stale.png").write_bytes(b"old")
+    cmd = [
+        sys.executable, str(REPO_ROOT / "hub" / "assemble.py"), str(folder),
+        "--checkpoint", str(HUB_COPY / "checkpoint.json"), "--sweep", str(sweep),
+        "--lfw", str(HUB_COPY / "eval_lfw.json"), "--celeba", str(HUB_COPY / "eval_celeba.json"),
+        "--hub", str(hub), "--package", str(package),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not (hub / "lfw_stale.png").exists()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (package / name).read_bytes() == (folder / name).read_bytes(), name
+    assert (hub / "README.md").read_text() == (HUB_COPY / "README.md").read_text()
+    assert sorted(p.name for p in hub.glob("lfw_*.png")) == sorted(p.name for p in HUB_COPY.glob("lfw_*.png"))
+    assert json.loads((hub / "eval_lfw.json").read_text())["methods"] == json.loads((HUB_COPY / "eval_lfw.json").read_text())["methods"]
+    without = json.loads((HUB_COPY / "eval_lfw.json").read_text())
+    without["methods"] = [m for m in without["methods"] if m["family"] != "featdeid"]
+    (tmp_path / "baselines.json").write_text(json.dumps(without))
+    proc = subprocess.run([*cmd[:cmd.index("--lfw") + 1], str(tmp_path / "baselines.json"), *cmd[cmd.index("--celeba"):]],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "default strength" in proc.stderr
+
+
 def test_default_is_the_packaged_model(folder: Path) -> None:
     model = featdeid.load()
     assert model.config.default_strength == json.loads((folder / "config.json").read_text())["default_strength"]

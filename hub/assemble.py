@@ -1,0 +1,97 @@
+"""Put a measured export in place as the default model: the Hub folder and the packaged copy.
+
+    python hub/assemble.py MODEL --checkpoint CKPT.json --sweep SWEEP \
+        --lfw LFW/results.json [LFW_SWEEP/results.json hub/featdeid-default/eval_lfw.json ...] \
+        [--celeba CELEBA/results.json [hub/featdeid-default/eval_celeba.json ...]] \
+        [--hub hub/featdeid-default] [--package featdeid/default_model]
+
+``MODEL`` is a folder written by ``training/export.py`` whose ``default_strength`` was set by
+``training/select_strength.py --write`` (its output folder is ``SWEEP``). The ``featdeid eval`` reports
+are merged as :func:`model_card.merge` does (the first report holding a method name wins), so an
+earlier card's reports can be given last to carry the baselines over without measuring them again.
+Writes into the Hub folder: ``config.json``, ``model.safetensors``, ``checkpoint.json``, ``sweep.json``,
+``sweep.png``, ``eval_lfw.json``, ``eval_celeba.json``, the black-box CMC curves and the quality-vs-ASR
+plot of the merged LFW report (``lfw_*.png``) and the card (``README.md``, by ``hub/model_card.py``);
+the package folder gets the model files and the card. All inputs are read before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from model_card import main as write_card, merge  # hub/ is the script's folder, first on sys.path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def _read(paths: list[Path]) -> dict:
+    return merge([json.loads(p.read_text()) for p in paths])
+
+
+def lfw_plots(results: dict, folder: Path) -> list[Path]:
+    """The black-box CMC curves and quality-vs-ASR plot of ``results``, as ``folder/lfw_*.png``."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from featdeid.evaluation.report import _safe, plots
+
+    box = {f"cmc_{_safe(e['name'])}.png" for e in results["evaluators"] if e["role"] == "black-box"}
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in plots(results, Path(tmp), None):
+            if p.name in box or p.name == "quality_vs_asr.png":
+                written.append(Path(shutil.copyfile(p, folder / f"lfw_{p.name}")))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Install a measured export as the default model (Hub folder + package copy).")
+    p.add_argument("model", type=Path)
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.json: the selected checkpoint, how it was made")
+    p.add_argument("--sweep", required=True, type=Path, help="output folder of training/select_strength.py")
+    p.add_argument("--lfw", required=True, type=Path, nargs="+", help="featdeid eval --set lfw reports, merged in order")
+    p.add_argument("--celeba", type=Path, nargs="*", default=[], help="featdeid eval --set celeba reports, merged in order")
+    p.add_argument("--hub", type=Path, default=REPO_ROOT / "hub" / "featdeid-default")
+    p.add_argument("--package", type=Path, default=REPO_ROOT / "featdeid" / "default_model")
+    args = p.parse_args(argv)
+
+    files = {n: (args.model / n).read_bytes() for n in MODEL_FILES}
+    strength = json.loads(files["config.json"])["default_strength"]
+    checkpoint = json.loads(args.checkpoint.read_text())
+    sweep, sweep_png = (args.sweep / "sweep.json").read_bytes(), (args.sweep / "sweep.png").read_bytes()
+    lfw = _read(args.lfw)
+    celeba = _read(args.celeba) if args.celeba else None
+    if not any(m["name"] == f"featdeid@{strength:g}" for m in lfw["methods"]):
+        raise SystemExit(f"error: no LFW report measures the default strength (featdeid@{strength:g})")
+
+    hub = args.hub
+    hub.mkdir(parents=True, exist_ok=True)
+    for old in hub.glob("lfw_*.png"):
+        old.unlink()
+    for name, data in files.items():
+        (hub / name).write_bytes(data)
+    (hub / "checkpoint.json").write_text(json.dumps(checkpoint) + "\n")
+    (hub / "sweep.json").write_bytes(sweep)
+    (hub / "sweep.png").write_bytes(sweep_png)
+    (hub / "eval_lfw.json").write_text(json.dumps(lfw, indent=1) + "\n")
+    card_args = [str(hub), "--sweep", str(hub / "sweep.json"), "--eval", str(hub / "eval_lfw.json")]
+    if celeba is not None:
+        (hub / "eval_celeba.json").write_text(json.dumps(celeba, indent=1) + "\n")
+        card_args += ["--eval-celeba", str(hub / "eval_celeba.json")]
+    lfw_plots(lfw, hub)
+    write_card(card_args)
+
+    args.package.mkdir(parents=True, exist_ok=True)
+    for name in (*MODEL_FILES, "README.md"):
+        shutil.copyfile(hub / name, args.package / name)
+    print(f"default model: {hub} and {args.package} (strength {strength:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,14 +12,14 @@ earlier card's reports can be given last to carry the baselines over without mea
 Writes into the Hub folder: ``config.json``, ``model.safetensors``, ``checkpoint.json``, ``sweep.json``,
 ``sweep.png``, ``eval_lfw.json``, ``eval_celeba.json``, the black-box CMC curves and the quality-vs-ASR
 plot of the merged LFW report (``lfw_*.png``) and the card (``README.md``, by ``hub/model_card.py``);
-the package folder gets the model files and the card. All inputs are read before anything is written.
+the package folder gets the model files and the card. All inputs are read before anything is written,
+and every file is written atomically (a temporary file and a rename).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +27,12 @@ from pathlib import Path
 from model_card import main as write_card, merge  # hub/ is the script's folder, first on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from featdeid.evaluation.report import _safe, plots  # noqa: E402
+from featdeid.images import atomic_write  # noqa: E402
+
 MODEL_FILES = ("config.json", "model.safetensors")
 
 
@@ -36,16 +42,13 @@ def _read(paths: list[Path]) -> dict:
 
 def lfw_plots(results: dict, folder: Path) -> list[Path]:
     """The black-box CMC curves and quality-vs-ASR plot of ``results``, as ``folder/lfw_*.png``."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from featdeid.evaluation.report import _safe, plots
-
     box = {f"cmc_{_safe(e['name'])}.png" for e in results["evaluators"] if e["role"] == "black-box"}
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         for p in plots(results, Path(tmp), None):
             if p.name in box or p.name == "quality_vs_asr.png":
-                written.append(Path(shutil.copyfile(p, folder / f"lfw_{p.name}")))
+                atomic_write(p.read_bytes(), folder / f"lfw_{p.name}")
+                written.append(folder / f"lfw_{p.name}")
     return written
 
 
@@ -74,21 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     for old in hub.glob("lfw_*.png"):
         old.unlink()
     for name, data in files.items():
-        (hub / name).write_bytes(data)
-    (hub / "checkpoint.json").write_text(json.dumps(checkpoint) + "\n")
-    (hub / "sweep.json").write_bytes(sweep)
-    (hub / "sweep.png").write_bytes(sweep_png)
-    (hub / "eval_lfw.json").write_text(json.dumps(lfw, indent=1) + "\n")
+        atomic_write(data, hub / name)
+    atomic_write((json.dumps(checkpoint) + "\n").encode(), hub / "checkpoint.json")
+    atomic_write(sweep, hub / "sweep.json")
+    atomic_write(sweep_png, hub / "sweep.png")
+    atomic_write((json.dumps(lfw, indent=1) + "\n").encode(), hub / "eval_lfw.json")
     card_args = [str(hub), "--sweep", str(hub / "sweep.json"), "--eval", str(hub / "eval_lfw.json")]
     if celeba is not None:
-        (hub / "eval_celeba.json").write_text(json.dumps(celeba, indent=1) + "\n")
+        atomic_write((json.dumps(celeba, indent=1) + "\n").encode(), hub / "eval_celeba.json")
         card_args += ["--eval-celeba", str(hub / "eval_celeba.json")]
     lfw_plots(lfw, hub)
     write_card(card_args)
 
-    args.package.mkdir(parents=True, exist_ok=True)
     for name in (*MODEL_FILES, "README.md"):
-        shutil.copyfile(hub / name, args.package / name)
+        atomic_write((hub / name).read_bytes(), args.package / name)
     print(f"default model: {hub} and {args.package} (strength {strength:g})")
     return 0
 

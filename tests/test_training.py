@@ -588,3 +588,31 @@ def test_robust_en_is_a_drop_in_recogniser(tmp_path, cache_dir, capsys):
     assert robust_main(["--config", str(cfg_path), "--output", str(tmp_path / "bad.onnx"), "--init", str(tmp_path / "missing.onnx")]) == 2
     assert "missing.onnx does not exist" in capsys.readouterr().err
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_extrapolate_moves_along_the_line_through_two_checkpoints(tmp_path):
+    from featdeid.config import ModelConfig
+    from featdeid.weights import load_safetensors
+
+    cfg = ModelConfig(image_size=32, base_channels=8, channel_mults=(1, 2), res_blocks=1, groups=4)
+    torch.manual_seed(0)
+    a, b = HidingNetwork(cfg), HidingNetwork(cfg)
+    for p in b.parameters():
+        torch.nn.init.normal_(p)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    script = str(REPO / "training" / "extrapolate.py")
+    _run([sys.executable, script, "--from", str(tmp_path / "b"), "--to", str(tmp_path / "a"), "--alpha", "0.5",
+          "--output", str(tmp_path / "w")])
+    w = load_safetensors(tmp_path / "w" / "model.safetensors")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.allclose(w[k], 1.5 * sa[k] - 0.5 * sb[k], atol=1e-6) for k in sa)
+    assert not torch.allclose(w["head.weight"], sa["head.weight"])
+    assert json.loads((tmp_path / "w" / "config.json").read_text()) == json.loads((tmp_path / "a" / "config.json").read_text())
+    HidingNetwork.from_pretrained(tmp_path / "w")
+
+    other = HidingNetwork(ModelConfig(image_size=32, base_channels=16, channel_mults=(1, 2), res_blocks=1, groups=4))
+    other.save_pretrained(tmp_path / "c")
+    r = subprocess.run([sys.executable, script, "--from", str(tmp_path / "c"), "--to", str(tmp_path / "a"), "--alpha", "1",
+                        "--output", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert r.returncode == 2 and "different networks" in r.stderr and not (tmp_path / "bad").exists()

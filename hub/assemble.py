@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from featdeid.evaluation.report import _safe, plots  # noqa: E402
+from featdeid.evaluation.report import plots, safe_stem  # noqa: E402
 from featdeid.images import atomic_write  # noqa: E402
 
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -42,7 +42,7 @@ def _read(paths: list[Path]) -> dict:
 
 def lfw_plots(results: dict, folder: Path) -> list[Path]:
     """The black-box CMC curves and quality-vs-ASR plot of ``results``, as ``folder/lfw_*.png``."""
-    box = {f"cmc_{_safe(e['name'])}.png" for e in results["evaluators"] if e["role"] == "black-box"}
+    box = {f"cmc_{safe_stem(e['name'])}.png" for e in results["evaluators"] if e["role"] == "black-box"}
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         for p in plots(results, Path(tmp), None):

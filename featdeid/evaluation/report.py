@@ -184,9 +184,9 @@ def markdown(results: dict[str, Any]) -> str:
     for p in ("quality_vs_asr.png", "differences.png"):
         lines.append(f"- [{p}](plots/{p})")
     for e in results.get("evaluators", []):
-        lines.append(f"- [cmc_{e['name']}.png](plots/cmc_{_safe(e['name'])}.png)")
+        lines.append(f"- [cmc_{e['name']}.png](plots/cmc_{safe_stem(e['name'])}.png)")
         if attacks:
-            lines.append(f"- [robustness_{e['name']}.png](plots/robustness_{_safe(e['name'])}.png)")
+            lines.append(f"- [robustness_{e['name']}.png](plots/robustness_{safe_stem(e['name'])}.png)")
     lines.append("")
     lines += ["## Protocol notes", ""]
     lines += [
@@ -200,7 +200,8 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _safe(name: str) -> str:
+def safe_stem(name: str) -> str:
+    """``name`` as a file-name stem: characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -232,7 +233,7 @@ def plots(results: dict[str, Any], out: Path, examples_dir: Path | None) -> list
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        p = pdir / f"cmc_{_safe(e['name'])}.png"
+        p = pdir / f"cmc_{safe_stem(e['name'])}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         written.append(p)
@@ -286,7 +287,7 @@ def plots(results: dict[str, Any], out: Path, examples_dir: Path | None) -> list
             ax.set_title(f"Robustness, {e['name']} ({e['role']})")
             ax.legend(fontsize=6, ncol=2)
             fig.tight_layout()
-            p = pdir / f"robustness_{_safe(e['name'])}.png"
+            p = pdir / f"robustness_{safe_stem(e['name'])}.png"
             fig.savefig(p, dpi=110)
             plt.close(fig)
             written.append(p)

@@ -47,8 +47,9 @@ def lfw_plots(results: dict, folder: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         for p in plots(results, Path(tmp), None):
             if p.name in box or p.name == "quality_vs_asr.png":
-                atomic_write(p.read_bytes(), folder / f"lfw_{p.name}")
-                written.append(folder / f"lfw_{p.name}")
+                dest = folder / f"lfw_{p.name}"
+                atomic_write(p.read_bytes(), dest)
+                written.append(dest)
     return written
 
 

@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         if len(configs) == 2 and json.loads(configs[0].read_text()) != json.loads(configs[1].read_text()):
             raise ConfigError(f"{start} and {end} are different networks (their config.json differ)")
         w = extrapolate(load_safetensors(end / "model.safetensors"), load_safetensors(start / "model.safetensors"), args.alpha)
-        out.mkdir(parents=True, exist_ok=True)
         save_safetensors(w, out / "model.safetensors", metadata={"format": "pt", "extrapolated": json.dumps(
             {"from": str(start), "to": str(end), "alpha": args.alpha})})
         if (end / "config.json").is_file():

@@ -43,6 +43,8 @@ class ModelConfig:
     ``channel_mults`` sets the U-Net depth (one encoder level each, each level halves the size).
     ``flip_average``: the residual is the mean of the network's residual for C and for C's mirror
     image (mirrored back), which keeps the part of the change that other recognisers also read.
+    ``sharpen``: unsharp-mask amount applied to the residual (``r + sharpen * (r - blur(r))``, a
+    Gaussian of ``sharpen_sigma`` pixels of the model's frame); 0 leaves the network's change as is.
     """
 
     image_size: int = 256
@@ -55,6 +57,8 @@ class ModelConfig:
     recogniser: str = ""
     default_strength: float = 1.0
     flip_average: bool = False
+    sharpen: float = 0.0
+    sharpen_sigma: float = 1.0
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -84,6 +88,10 @@ class ModelConfig:
             raise ConfigError(f"unknown face frame {self.frame!r}; this featdeid knows 'arcface112@...'")
         if not isinstance(self.flip_average, bool):
             raise ConfigError(f"flip_average must be true or false, got {self.flip_average!r}")
+        for name, lo, hi in (("sharpen", 0.0, 8.0), ("sharpen_sigma", 0.25, 8.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
         strength = self.default_strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 4:
             raise ConfigError(f"default_strength must be a number in [0, 4], got {self.default_strength!r}")

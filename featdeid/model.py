@@ -41,6 +41,33 @@ def tile_feature(feature: torch.Tensor, image_size: int) -> torch.Tensor:
     return plane.unsqueeze(1).expand(b, 3, image_size, image_size)
 
 
+def unsharp(residual: torch.Tensor, amount: float, sigma: float) -> torch.Tensor:
+    """Unsharp mask ``r + amount * (r - G_sigma * r)`` per channel, reflect-padded, computed in float32.
+
+    Args:
+        residual: ``(B, C, H, W)``.
+        amount: 0 returns ``residual`` unchanged.
+        sigma: Gaussian standard deviation in pixels.
+    Returns:
+        ``(B, C, H, W)`` in ``residual``'s dtype.
+    """
+    if amount == 0:
+        return residual
+    radius = max(1, int(round(3 * sigma)))
+    if radius >= min(residual.shape[-2:]):
+        raise ValueError(f"sharpen_sigma {sigma} is too large for a {tuple(residual.shape[-2:])} frame")
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=residual.device)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    c = residual.shape[1]
+    with torch.autocast(device_type=residual.device.type, enabled=False):
+        r = residual.float()
+        blur = F.pad(r, (radius,) * 4, mode="reflect")
+        blur = F.conv2d(blur, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        blur = F.conv2d(blur, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return (r + amount * (r - blur)).to(residual.dtype)
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, channels), channels)
 
@@ -137,19 +164,21 @@ class HidingNetwork(nn.Module):
 
         With ``config.flip_average`` it is the mean of the U-Net's change for C and for C mirrored
         left-right (mirrored back): two passes of B (faster on CPU than one of 2B), the mirror in C's
-        memory format.
+        memory format. With ``config.sharpen`` the change is then sharpened (:func:`unsharp`).
         """
         s = self.config.image_size
         if cover.shape[-2:] != (s, s) or cover.shape[1] != 3:
             raise ValueError(f"cover must be (B, 3, {s}, {s}), got {tuple(cover.shape)}")
         if feature.shape != (cover.shape[0], self.config.feature_dim):
             raise ValueError(f"feature must be (B, {self.config.feature_dim}), got {tuple(feature.shape)}")
-        if not self.config.flip_average:
-            return self.unet(cover, feature)
-        mirror = cover.flip(-1)
-        if cover.is_contiguous(memory_format=torch.channels_last):
-            mirror = mirror.contiguous(memory_format=torch.channels_last)
-        return 0.5 * (self.unet(cover, feature) + self.unet(mirror, feature).flip(-1))
+        if self.config.flip_average:
+            mirror = cover.flip(-1)
+            if cover.is_contiguous(memory_format=torch.channels_last):
+                mirror = mirror.contiguous(memory_format=torch.channels_last)
+            change = 0.5 * (self.unet(cover, feature) + self.unet(mirror, feature).flip(-1))
+        else:
+            change = self.unet(cover, feature)
+        return unsharp(change, self.config.sharpen, self.config.sharpen_sigma)
 
     def unet(self, cover: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         """The U-Net's own change for ``cover`` ``(B, 3, S, S)`` and ``feature`` ``(B, D)``, unaveraged."""

@@ -8,7 +8,9 @@
 ``MODEL`` is a folder written by ``training/export.py`` whose ``default_strength`` was set by
 ``training/select_strength.py --write`` (its output folder is ``SWEEP``). The ``featdeid eval`` reports
 are merged as :func:`model_card.merge` does (the first report holding a method name wins), so an
-earlier card's reports can be given last to carry the baselines over without measuring them again.
+earlier card's reports can be given last to carry the baselines over without measuring them again;
+``featdeid@S`` results of any other model (another ``model_fingerprint``: other weights, bank or
+residual settings) are dropped, so the card only reports the model it ships.
 Writes into the Hub folder: ``config.json``, ``model.safetensors``, ``checkpoint.json``, ``sweep.json``,
 ``sweep.png``, ``eval_lfw.json``, ``eval_celeba.json``, the black-box CMC curves and the quality-vs-ASR
 plot of the merged LFW report (``lfw_*.png``) and the card (``README.md``, by ``hub/model_card.py``);
@@ -30,14 +32,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from featdeid.evaluation.baselines import model_fingerprint  # noqa: E402
 from featdeid.evaluation.report import plots, safe_stem  # noqa: E402
 from featdeid.images import atomic_write  # noqa: E402
 
 MODEL_FILES = ("config.json", "model.safetensors")
 
 
-def _read(paths: list[Path]) -> dict:
-    return merge([json.loads(p.read_text()) for p in paths])
+def _read(paths: list[Path], fingerprint: str) -> dict:
+    """The merged reports without ``featdeid`` results of a model other than ``fingerprint``'s."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    for r in reports:
+        other = [m["name"] for m in r["methods"] if m["family"] == "featdeid" and m.get("model_fingerprint") != fingerprint]
+        if other:
+            print(f"dropped (another model): {', '.join(other)} from {r['config'].get('out', 'a report')}", file=sys.stderr)
+        r["methods"] = [m for m in r["methods"] if m["name"] not in other]
+    return merge(reports)
 
 
 def lfw_plots(results: dict, folder: Path) -> list[Path]:
@@ -64,12 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--package", type=Path, default=REPO_ROOT / "featdeid" / "default_model")
     args = p.parse_args(argv)
 
+    from featdeid.model import HidingNetwork
+
     files = {n: (args.model / n).read_bytes() for n in MODEL_FILES}
+    fingerprint = model_fingerprint(HidingNetwork.from_pretrained(args.model))
     strength = json.loads(files["config.json"])["default_strength"]
     checkpoint = json.loads(args.checkpoint.read_text())
     sweep, sweep_png = (args.sweep / "sweep.json").read_bytes(), (args.sweep / "sweep.png").read_bytes()
-    lfw = _read(args.lfw)
-    celeba = _read(args.celeba) if args.celeba else None
+    lfw = _read(args.lfw, fingerprint)
+    celeba = _read(args.celeba, fingerprint) if args.celeba else None
     if not any(m["name"] == f"featdeid@{strength:g}" for m in lfw["methods"]):
         raise SystemExit(f"error: no LFW report measures the default strength (featdeid@{strength:g})")
 

@@ -192,7 +192,11 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         "upsampling its residual. Weights stored as float16 (safetensors)."
         + (" Test-time mirror averaging (`flip_average`): the change applied is the mean of the network's change for the "
            "face and for its mirror image (mirrored back), which keeps the part other recognisers also read; it costs a "
-           "second pass." if model_cfg.get("flip_average") else ""),
+           "second pass." if model_cfg.get("flip_average") else "")
+        + (f" The change is then sharpened (`sharpen` {model_cfg['sharpen']:g}: an unsharp mask, r + "
+           f"{model_cfg['sharpen']:g} (r − G ∗ r) with a Gaussian G of {model_cfg.get('sharpen_sigma', 1.0):g} px at "
+           f"{model_cfg['image_size']} px), which at equal PSNR moves more of it into the fine detail recognisers read."
+           if model_cfg.get("sharpen") else ""),
         f"- Identity bank: EN features of the training split of the GAN faces (no real person); each face gets one, seeded.",
         f"- EN (extracting network, white-box): `{model_cfg['recogniser']}` (MobileFaceNet-style, 512-d, MIT-licensed "
         "vendor weights of unknown training data).",

@@ -96,6 +96,7 @@ def test_assemble_rebuilds_both_folders_from_the_measurements(tmp_path: Path, fo
         (sweep / name).write_bytes((HUB_COPY / name).read_bytes())
     hub, package = tmp_path / "hub", tmp_path / "package"
     hub.mkdir()
+    default = json.loads((folder / "config.json").read_text())["default_strength"]
     (hub / "lfw_stale.png").write_bytes(b"old")
     cmd = [
         sys.executable, str(REPO_ROOT / "hub" / "assemble.py"), str(folder),
@@ -111,6 +112,15 @@ def test_assemble_rebuilds_both_folders_from_the_measurements(tmp_path: Path, fo
     assert (hub / "README.md").read_text() == (HUB_COPY / "README.md").read_text()
     assert sorted(p.name for p in hub.glob("lfw_*.png")) == sorted(p.name for p in HUB_COPY.glob("lfw_*.png"))
     assert json.loads((hub / "eval_lfw.json").read_text())["methods"] == json.loads((HUB_COPY / "eval_lfw.json").read_text())["methods"]
+    other = json.loads((HUB_COPY / "eval_lfw.json").read_text())  # another model's featdeid results are not carried over
+    stronger = next(m for m in other["methods"] if m["family"] == "featdeid" and m["strength"] != default)
+    other["methods"] = [{**m, "model_fingerprint": "0" * 16} if m is stronger else m for m in other["methods"]]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc = subprocess.run([*cmd[:cmd.index("--lfw") + 1], str(tmp_path / "other.json"), *cmd[cmd.index("--celeba"):]],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    merged = [m["name"] for m in json.loads((hub / "eval_lfw.json").read_text())["methods"]]
+    assert stronger["name"] not in merged and f"featdeid@{default:g}" in merged and "another model" in proc.stderr
     without = json.loads((HUB_COPY / "eval_lfw.json").read_text())
     without["methods"] = [m for m in without["methods"] if m["family"] != "featdeid"]
     (tmp_path / "baselines.json").write_text(json.dumps(without))

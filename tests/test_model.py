@@ -67,7 +67,7 @@ def test_paper_config_is_the_paper_size():
     [
         dict(image_size=100), dict(channel_mults=()), dict(base_channels=0), dict(feature_dim=500), dict(default_strength=-1),
         dict(image_size="256"), dict(default_strength=True), dict(recogniser=5), dict(frame="other-template"),
-        dict(flip_average="yes"),
+        dict(flip_average="yes"), dict(sharpen=-0.5), dict(sharpen="1"), dict(sharpen_sigma=0), dict(sharpen=float("nan")),
     ],
 )
 def test_config_validation(bad):
@@ -112,6 +112,47 @@ def test_flip_average_is_mirror_equivariant_and_travels_with_the_config(tmp_path
     data = json.loads((random_model.save_pretrained(tmp_path / "p") / "config.json").read_text())
     assert data.pop("flip_average") is False
     assert ModelConfig.from_dict(data).flip_average is False  # configs written before the key load unchanged
+
+
+def test_unsharp_boosts_fine_detail_and_keeps_smooth_changes():
+    from featdeid.model import unsharp
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    smooth = (0.01 * xx + 0.02 * yy).expand(2, 3, 32, 32).clone()  # linear ramp: a Gaussian leaves it as is inside
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))
+    torch.testing.assert_close(unsharp(smooth, 1.0, 1.0)[inner], smooth[inner], atol=1e-5, rtol=0)
+    checker = ((xx + yy) % 2 * 2 - 1).expand(1, 3, 32, 32) * 0.01  # finest detail: grows by about 1 + amount
+    sharp = unsharp(checker, 1.0, 1.0)
+    assert 1.8 < (sharp[inner].abs() / checker[inner].abs()).mean() < 2.0
+    assert unsharp(checker, 0.0, 1.0) is checker
+    assert unsharp(checker.bfloat16(), 1.0, 1.0).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="too large"):
+        unsharp(checker[..., :4, :4], 1.0, 2.0)
+
+
+def test_sharpen_travels_with_the_config(tmp_path, random_model):
+    from featdeid.model import unsharp
+
+    cfg = dataclasses.replace(random_model.config, sharpen=1.0, sharpen_sigma=1.5)
+    sharp = HidingNetwork(cfg, random_model.identity_bank)
+    sharp.load_state_dict(random_model.state_dict())
+    torch.manual_seed(0)
+    for p in sharp.head.parameters():  # a non-zero change: the head starts at zero
+        torch.nn.init.normal_(p, std=0.05)
+    plain = HidingNetwork(random_model.config, random_model.identity_bank)
+    plain.load_state_dict(sharp.state_dict())
+    c = torch.rand(2, 3, 64, 64)
+    e = random_model.identity_bank[:2]
+    with torch.inference_mode():
+        torch.testing.assert_close(sharp.residual(c, e), unsharp(plain.residual(c, e), 1.0, 1.5))
+        assert not torch.allclose(sharp.residual(c, e), plain.residual(c, e), atol=1e-4)
+    loaded = HidingNetwork.from_pretrained(sharp.save_pretrained(tmp_path / "s"))
+    assert (loaded.config.sharpen, loaded.config.sharpen_sigma) == (1.0, 1.5)
+    with torch.inference_mode():
+        assert torch.equal(loaded(c, e), sharp(c, e))
+    data = json.loads((random_model.save_pretrained(tmp_path / "p") / "config.json").read_text())
+    del data["sharpen"], data["sharpen_sigma"]
+    assert ModelConfig.from_dict(data).sharpen == 0.0  # configs written before the keys load unchanged
 
 
 def test_refuses_pickles_and_bad_configs(tmp_path, random_model):

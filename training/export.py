@@ -94,11 +94,12 @@ def _ours(cfg: TrainConfig) -> str:
 
 def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, recogniser: torch.nn.Module | None = None,
                  data: ExperimentData | None = None, device: torch.device | str = "cpu", half: bool = False,
-                 flip_average: bool | None = None) -> Path:
+                 flip_average: bool | None = None, sharpen: float | None = None) -> Path:
     """Write the model folder from trained weights (a folder saved by ``save_pretrained``, or a training
     checkpoint ``RUN/checkpoints/step_N``); ``half``
     stores the weights as float16 (half the size; they run in float32 after loading); ``flip_average``
-    (``None``: as trained) sets the exported model's test-time mirror averaging."""
+    (``None``: as trained) sets the exported model's test-time mirror averaging, ``sharpen`` (``None``:
+    as trained) the unsharp-mask amount applied to its change (``ModelConfig.sharpen``)."""
     from training.experiment import build_data, build_recogniser
 
     weights, output = Path(weights), Path(output)
@@ -116,6 +117,8 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     config = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser())
     if flip_average is not None:
         config = dataclasses.replace(config, flip_average=flip_average)
+    if sharpen is not None:
+        config = dataclasses.replace(config, sharpen=sharpen)
     model = HidingNetwork(config, identity_bank=bank)
     state = {**net.state_dict(), "identity_bank": bank}
     model.load_state_dict(state, strict=True)
@@ -134,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--half", action="store_true", help="store float16 weights")
     p.add_argument("--flip-average", action="store_true",
                    help="the exported model averages its change for the face and its mirror image (ModelConfig.flip_average)")
+    p.add_argument("--sharpen", type=float, default=None,
+                   help="unsharp-mask amount for the exported model's change (ModelConfig.sharpen; default: as trained)")
     args = p.parse_args(argv)
     try:
         out = export_model(args.weights, load_config(args.config), args.output, half=args.half,
-                           flip_average=True if args.flip_average else None)
+                           flip_average=True if args.flip_average else None, sharpen=args.sharpen)
     except FeatdeidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

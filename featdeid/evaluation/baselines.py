@@ -24,6 +24,7 @@ Method specs (``parse_method``):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from typing import Any, Callable
 
@@ -264,13 +265,9 @@ class FeatdeidMethod(Method):
         return self.deid(rgb, strength=self.strength, seed=stable_seed(self.seed, key))
 
     def model_fingerprint(self) -> str:
-        """sha256 (16 hex) of the network weights and identity bank (for resume keys and reports)."""
+        """:func:`model_fingerprint` of the model (for resume keys and reports)."""
         if not hasattr(self, "_fp"):
-            h = hashlib.sha256()
-            for k, v in sorted(self.deid.model.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-            self._fp = h.hexdigest()[:16]
+            self._fp = model_fingerprint(self.deid.model)
         return self._fp
 
     def describe(self) -> dict[str, Any]:
@@ -283,6 +280,19 @@ class FeatdeidMethod(Method):
             "bank": int(self.deid.model.identity_bank.shape[0]),
             "model_fingerprint": self.model_fingerprint(),
         }
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (16 hex) of what decides a hiding network's output: its weights, identity bank and the
+    config fields that change the residual (``flip_average``, ``sharpen``...; not ``default_strength``,
+    which a method names itself)."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k != "default_strength"}
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def parse_method(

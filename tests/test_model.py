@@ -126,6 +126,8 @@ def test_unsharp_boosts_fine_detail_and_keeps_smooth_changes():
     assert 1.8 < (sharp[inner].abs() / checker[inner].abs()).mean() < 2.0
     assert unsharp(checker, 0.0, 1.0) is checker
     assert unsharp(checker.bfloat16(), 1.0, 1.0).dtype == torch.bfloat16
+    noise = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(unsharp(noise.contiguous(memory_format=torch.channels_last), 1.0, 1.0), unsharp(noise, 1.0, 1.0))
     with pytest.raises(ValueError, match="too large"):
         unsharp(checker[..., :4, :4], 1.0, 2.0)
 

@@ -35,6 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 from featdeid.evaluation.baselines import model_fingerprint  # noqa: E402
 from featdeid.evaluation.report import plots, safe_stem  # noqa: E402
 from featdeid.images import atomic_write  # noqa: E402
+from featdeid.model import HidingNetwork  # noqa: E402
 
 MODEL_FILES = ("config.json", "model.safetensors")
 
@@ -73,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hub", type=Path, default=REPO_ROOT / "hub" / "featdeid-default")
     p.add_argument("--package", type=Path, default=REPO_ROOT / "featdeid" / "default_model")
     args = p.parse_args(argv)
-
-    from featdeid.model import HidingNetwork
 
     files = {n: (args.model / n).read_bytes() for n in MODEL_FILES}
     fingerprint = model_fingerprint(HidingNetwork.from_pretrained(args.model))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -50,3 +52,12 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
     from .images import atomic_write
 
     atomic_write(save({k: v.contiguous() for k, v in state.items()}, metadata=metadata), path)
+
+
+def state_sha256(state: Mapping[str, torch.Tensor], salt: bytes = b"") -> str:
+    """SHA-256 (hex) of ``salt``, then each key and its tensor's bytes in sorted key order."""
+    h = hashlib.sha256(salt)
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

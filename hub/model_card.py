@@ -166,8 +166,12 @@ def _reproduce(commands: list[str]) -> str:
 
 
 def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any], celeba: dict[str, Any] | None) -> str:
-    model_cfg = json.loads((folder / "config.json").read_text())
-    strength = model_cfg.get("default_strength", 1.0)
+    from featdeid.config import ModelConfig
+
+    model_cfg = {**ModelConfig().to_dict(), **json.loads((folder / "config.json").read_text())}  # keys it omits: defaults
+    strength = model_cfg["default_strength"]
+    export_flags = " ".join([*(["--flip-average"] if model_cfg["flip_average"] else []),
+                             *([f"--sharpen {model_cfg['sharpen']:g}"] if model_cfg["sharpen"] else [])])
     best_json = folder / "checkpoint.json"  # the exported checkpoint's best.json, kept beside the card
     if not best_json.is_file():
         best_json = REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json"
@@ -192,11 +196,11 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         "upsampling its residual. Weights stored as float16 (safetensors)."
         + (" Test-time mirror averaging (`flip_average`): the change applied is the mean of the network's change for the "
            "face and for its mirror image (mirrored back), which keeps the part other recognisers also read; it costs a "
-           "second pass." if model_cfg.get("flip_average") else "")
+           "second pass." if model_cfg["flip_average"] else "")
         + (f" The change is then sharpened (`sharpen` {model_cfg['sharpen']:g}: an unsharp mask, r + "
-           f"{model_cfg['sharpen']:g} (r − G ∗ r) with a Gaussian G of {model_cfg.get('sharpen_sigma', 1.0):g} px at "
+           f"{model_cfg['sharpen']:g} (r − G ∗ r) with a Gaussian G of {model_cfg['sharpen_sigma']:g} px at "
            f"{model_cfg['image_size']} px), which at equal PSNR moves more of it into the fine detail recognisers read."
-           if model_cfg.get("sharpen") else ""),
+           if model_cfg["sharpen"] else ""),
         f"- Identity bank: EN features of the training split of the GAN faces (no real person); each face gets one, seeded.",
         f"- EN (extracting network, white-box): `{model_cfg['recogniser']}` (MobileFaceNet-style, 512-d, MIT-licensed "
         "vendor weights of unknown training data).",
@@ -232,7 +236,7 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
            + (f" --max-steps {step}`" if step is not None else "`")
            + (f" (starting from `{cfg.run.init_from}`)" if cfg.run.init_from and not best.get("resume") else "")
            + (f", then export `checkpoints/step_{step:09d}`" if step is not None else "")
-           + (" with `--flip-average`" if step is not None and model_cfg.get("flip_average") else ""))
+           + (f" with `{export_flags}`" if step is not None and export_flags else ""))
         + "; see `training/README.md`.\n",
         "## Strength sweep (validation covers)\n",
         "| strength | PSNR dB | SSIM | LPIPS(alex) | EN cos(C, D) |\n|---:|---:|---:|---:|---:|\n" + sweep_rows + "\n",

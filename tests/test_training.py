@@ -492,9 +492,9 @@ def test_a_training_checkpoint_exports_as_a_model_folder(two_process_run, tmp_pa
     out = tmp_path / "from_ckpt"
     _run([sys.executable, str(REPO / "training" / "export.py"), "--config", str(two_process_run.parent / "tiny.yaml"),
           "--weights", str(ckpt), "--output", str(out), "--flip-average", "--sharpen", "0.5"])
-    model = HidingNetwork.from_pretrained(out)
-    assert model.config.sharpen == 0.5 and HidingNetwork.from_pretrained(two_process_run / "model").config.sharpen == 0.0
-    assert model.config.flip_average and not HidingNetwork.from_pretrained(two_process_run / "model").config.flip_average
+    model, trained_cfg = HidingNetwork.from_pretrained(out), HidingNetwork.from_pretrained(two_process_run / "model").config
+    assert model.config.sharpen == 0.5 and trained_cfg.sharpen == 0.0
+    assert model.config.flip_average and not trained_cfg.flip_average
     from featdeid.weights import load_safetensors
 
     trained = load_safetensors(ckpt / "model.safetensors")

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader
 from featdeid.errors import ConfigError, FeatdeidError
 from featdeid.faces.paste import apply_mask
 from featdeid.model import IDENTITY_BANK_KEY, HidingNetwork
+from featdeid.weights import state_sha256
 from training.augment import en_view
 from training.ghost import GhostSkips
 from training.config import TrainConfig, config_to_dict, load_config
@@ -104,11 +104,7 @@ def _now() -> str:
 
 def state_hash(model: torch.nn.Module) -> str:
     """SHA-256 of a model's state dict (float32 bytes, sorted keys)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_sha256({k: v.detach().float() for k, v in model.state_dict().items()})
 
 
 def init_weights(model: HidingNetwork, folder: str | Path) -> None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..faces.paste import apply_mask, face_mask
+from ..weights import state_sha256
 from .attacks import gaussian_blur_float
 
 REFERENCE_FRAME = 256
@@ -286,13 +287,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 (16 hex) of what decides a hiding network's output: its weights, identity bank and the
     config fields that change the residual (``flip_average``, ``sharpen``...; not ``default_strength``,
     which a method names itself)."""
-    h = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k != "default_strength"}
-    h.update(json.dumps(config, sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_sha256(model.state_dict(), salt=json.dumps(config, sort_keys=True).encode())[:16]
 
 
 def parse_method(

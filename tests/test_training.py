@@ -503,6 +503,30 @@ def test_a_training_checkpoint_exports_as_a_model_folder(two_process_run, tmp_pa
     assert model.identity_bank.shape == (9, 512) and ckpt.name in (out / "README.md").read_text()
 
 
+def test_export_keeps_the_reshapings_the_weights_were_trained_through(two_process_run, tmp_path):
+    """Weights trained through sharpening keep it on export although --config (tiny.yaml) has none."""
+    from training.config import load_config
+    from training.export import export_model
+
+    cfg = load_config(two_process_run.parent / "tiny.yaml")
+    assert cfg.model.sharpen == 0.0
+    best = tmp_path / "best"
+    shutil.copytree(two_process_run / "model", best)
+    data = json.loads((best / "config.json").read_text())
+    (best / "config.json").write_text(json.dumps({**data, "sharpen": 0.7, "sharpen_sigma": 1.5}))
+    run = tmp_path / "run"
+    ckpt = sorted((two_process_run / "checkpoints").glob("step_*"))[-1]
+    shutil.copytree(ckpt, run / "checkpoints" / ckpt.name)
+    run_cfg = json.loads((two_process_run / "config.json").read_text())
+    run_cfg["model"].update(sharpen=0.7, sharpen_sigma=1.5)
+    (run / "config.json").write_text(json.dumps(run_cfg))
+    for weights in (best, run / "checkpoints" / ckpt.name):
+        out = export_model(weights, cfg, tmp_path / f"out_{weights.name}")
+        assert (HidingNetwork.from_pretrained(out).config.sharpen, HidingNetwork.from_pretrained(out).config.sharpen_sigma) == (0.7, 1.5)
+    out = export_model(best, cfg, tmp_path / "explicit", sharpen=0.0)
+    assert HidingNetwork.from_pretrained(out).config.sharpen == 0.0
+
+
 def test_loss_falls_when_overfitting_8_images(tmp_path, cache_dir):
     cfg = _tiny_config(tmp_path, cache_dir, covers=8, val=0.0, near=1.0, far=1.0, lr=1e-3)
     _run([sys.executable, str(TRAIN), "--config", str(cfg), "--max-steps", "30", "--set", "run.checkpoint_every=100"])
@@ -617,3 +641,24 @@ def test_extrapolate_moves_along_the_line_through_two_checkpoints(tmp_path):
     r = subprocess.run([sys.executable, script, "--from", str(tmp_path / "c"), "--to", str(tmp_path / "a"), "--alpha", "1",
                         "--output", str(tmp_path / "bad")], capture_output=True, text=True)
     assert r.returncode == 2 and "different networks" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_init_from_copies_weights_across_inference_reshapings_but_not_architectures(random_model, model_dir):
+    """run.init_from: mirror average and sharpening shape no weights, so a run may train through them."""
+    import dataclasses
+
+    from training.train import init_weights
+
+    reshaped = dataclasses.replace(random_model.config, flip_average=True, sharpen=1.0, sharpen_sigma=1.5, default_strength=0.7)
+    target = HidingNetwork(reshaped)
+    def weights(m):
+        return {k: v for k, v in m.state_dict().items() if k != "identity_bank"}
+
+    assert not torch.equal(weights(target)["head.weight"], weights(random_model)["head.weight"])
+    init_weights(target, model_dir)
+    assert weights(target).keys() == weights(random_model).keys()
+    assert all(torch.equal(v, weights(random_model)[k]) for k, v in weights(target).items())
+    assert (target.config.sharpen, target.config.flip_average) == (1.0, True)
+    wider = HidingNetwork(dataclasses.replace(random_model.config, base_channels=16))
+    with pytest.raises(ConfigError, match="differs"):
+        init_weights(wider, model_dir)

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
+from featdeid.config import ModelConfig
 from featdeid.model import HidingNetwork
 from featdeid.weights import load_safetensors
 from training.data import to_tensor
@@ -107,14 +108,20 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if (weights / "config.json").is_file():
         net = HidingNetwork.from_pretrained(weights)
+        trained = net.config
     else:  # a training checkpoint (RUN/checkpoints/step_N): the architecture is the experiment's
         net = HidingNetwork(cfg.model)
         net.load_state_dict(load_safetensors(weights / "model.safetensors"), strict=True)
         info = {"checkpoint": weights.name, **info}
+        run_config = weights.parent.parent / "config.json"
+        trained = ModelConfig.from_dict(json.loads(run_config.read_text())["model"]) if run_config.is_file() else cfg.model
     recogniser = recogniser if recogniser is not None else build_recogniser(cfg).to(device)
     data = data if data is not None else build_data(cfg, progress=False)
     bank = identity_bank(recogniser, data, cfg, device=device)
-    config = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser())
+    # the reshapings the weights were trained through come from their own run, not from --config (often
+    # another experiment's, for its identity bank)
+    config = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser(), flip_average=trained.flip_average,
+                                 sharpen=trained.sharpen, sharpen_sigma=trained.sharpen_sigma)
     if flip_average is not None:
         config = dataclasses.replace(config, flip_average=flip_average)
     if sharpen is not None:
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flip-average", action="store_true",
                    help="the exported model averages its change for the face and its mirror image (ModelConfig.flip_average)")
     p.add_argument("--sharpen", type=float, default=None,
-                   help="unsharp-mask amount for the exported model's change (ModelConfig.sharpen; default: as trained)")
+                   help="unsharp-mask amount for the exported model's change (ModelConfig.sharpen; default: as the weights were trained)")
     args = p.parse_args(argv)
     try:
         out = export_model(args.weights, load_config(args.config), args.output, half=args.half,

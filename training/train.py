@@ -110,7 +110,9 @@ def state_hash(model: torch.nn.Module) -> str:
 def init_weights(model: HidingNetwork, folder: str | Path) -> None:
     """Copy the weights of the model folder ``folder`` into ``model``; the architectures must match."""
     source = HidingNetwork.from_pretrained(folder)
-    same = dataclasses.replace(source.config, recogniser=model.config.recogniser, default_strength=model.config.default_strength)
+    c = model.config  # the fields that shape no weights may differ: training through a reshaping starts from weights without it
+    same = dataclasses.replace(source.config, recogniser=c.recogniser, default_strength=c.default_strength,
+                               flip_average=c.flip_average, sharpen=c.sharpen, sharpen_sigma=c.sharpen_sigma)
     if same != model.config:
         raise ConfigError(f"run.init_from {folder}: its model config {source.config} differs from this run's {model.config}")
     state = source.state_dict()

@@ -10,6 +10,9 @@ from typing import Any
 from .errors import ConfigError
 
 FORMAT_VERSION = 1
+# ModelConfig fields that post-process the network's change at inference; like ``recogniser`` and
+# ``default_strength`` they shape no weights
+RESHAPING_FIELDS = ("flip_average", "sharpen", "sharpen_sigma")
 
 
 def tiling_shape(feature_dim: int, image_size: int) -> tuple[int, int, int]:
@@ -96,6 +99,16 @@ class ModelConfig:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 4:
             raise ConfigError(f"default_strength must be a number in [0, 4], got {self.default_strength!r}")
         tiling_shape(self.feature_dim, self.image_size)
+
+    def reshapings(self) -> dict[str, Any]:
+        """The fields of :data:`RESHAPING_FIELDS` and their values."""
+        return {f: getattr(self, f) for f in RESHAPING_FIELDS}
+
+    def fits_weights_of(self, other: ModelConfig) -> bool:
+        """Whether weights trained under ``other`` load into this config: all fields equal but the
+        reshapings, ``recogniser`` and ``default_strength``."""
+        own = {**self.reshapings(), "recogniser": self.recogniser, "default_strength": self.default_strength}
+        return dataclasses.replace(other, **own) == self
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -521,8 +521,8 @@ def test_export_keeps_the_reshapings_the_weights_were_trained_through(two_proces
     run_cfg["model"].update(sharpen=0.7, sharpen_sigma=1.5)
     (run / "config.json").write_text(json.dumps(run_cfg))
     for weights in (best, run / "checkpoints" / ckpt.name):
-        out = export_model(weights, cfg, tmp_path / f"out_{weights.name}")
-        assert (HidingNetwork.from_pretrained(out).config.sharpen, HidingNetwork.from_pretrained(out).config.sharpen_sigma) == (0.7, 1.5)
+        exported = HidingNetwork.from_pretrained(export_model(weights, cfg, tmp_path / f"out_{weights.name}")).config
+        assert (exported.sharpen, exported.sharpen_sigma) == (0.7, 1.5)
     out = export_model(best, cfg, tmp_path / "explicit", sharpen=0.0)
     assert HidingNetwork.from_pretrained(out).config.sharpen == 0.0
 
@@ -651,6 +651,7 @@ def test_init_from_copies_weights_across_inference_reshapings_but_not_architectu
 
     reshaped = dataclasses.replace(random_model.config, flip_average=True, sharpen=1.0, sharpen_sigma=1.5, default_strength=0.7)
     target = HidingNetwork(reshaped)
+
     def weights(m):
         return {k: v for k, v in m.state_dict().items() if k != "identity_bank"}
 

@@ -120,8 +120,7 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     bank = identity_bank(recogniser, data, cfg, device=device)
     # the reshapings the weights were trained through come from their own run, not from --config (often
     # another experiment's, for its identity bank)
-    config = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser(), flip_average=trained.flip_average,
-                                 sharpen=trained.sharpen, sharpen_sigma=trained.sharpen_sigma)
+    config = dataclasses.replace(cfg.model, recogniser=cfg.exported_recogniser(), **trained.reshapings())
     if flip_average is not None:
         config = dataclasses.replace(config, flip_average=flip_average)
     if sharpen is not None:

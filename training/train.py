@@ -110,10 +110,7 @@ def state_hash(model: torch.nn.Module) -> str:
 def init_weights(model: HidingNetwork, folder: str | Path) -> None:
     """Copy the weights of the model folder ``folder`` into ``model``; the architectures must match."""
     source = HidingNetwork.from_pretrained(folder)
-    c = model.config  # the fields that shape no weights may differ: training through a reshaping starts from weights without it
-    same = dataclasses.replace(source.config, recogniser=c.recogniser, default_strength=c.default_strength,
-                               flip_average=c.flip_average, sharpen=c.sharpen, sharpen_sigma=c.sharpen_sigma)
-    if same != model.config:
+    if not model.config.fits_weights_of(source.config):  # a run may train through a reshaping its source lacks
         raise ConfigError(f"run.init_from {folder}: its model config {source.config} differs from this run's {model.config}")
     state = source.state_dict()
     state[IDENTITY_BANK_KEY] = model.state_dict()[IDENTITY_BANK_KEY]  # weights only: an exported folder's bank is not trained

@@ -48,6 +48,9 @@ class ModelConfig:
     image (mirrored back), which keeps the part of the change that other recognisers also read.
     ``sharpen``: unsharp-mask amount applied to the residual (``r + sharpen * (r - blur(r))``, a
     Gaussian of ``sharpen_sigma`` pixels of the model's frame); 0 leaves the network's change as is.
+    ``adaptive_strength``: γ of the per-face strength: each face's change is scaled by ``exp(γ z)``,
+    z in [-3, 3] the strength head's standardised reading of how hard the face is to de-identify
+    (``training/fit_strength_head.py``); 0: one strength for every face, and no head.
     """
 
     image_size: int = 256
@@ -62,6 +65,7 @@ class ModelConfig:
     flip_average: bool = False
     sharpen: float = 0.0
     sharpen_sigma: float = 1.0
+    adaptive_strength: float = 0.0
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -91,7 +95,7 @@ class ModelConfig:
             raise ConfigError(f"unknown face frame {self.frame!r}; this featdeid knows 'arcface112@...'")
         if not isinstance(self.flip_average, bool):
             raise ConfigError(f"flip_average must be true or false, got {self.flip_average!r}")
-        for name, lo, hi in (("sharpen", 0.0, 8.0), ("sharpen_sigma", 0.25, 8.0)):
+        for name, lo, hi in (("sharpen", 0.0, 8.0), ("sharpen_sigma", 0.25, 8.0), ("adaptive_strength", 0.0, 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise ConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
@@ -105,9 +109,11 @@ class ModelConfig:
         return {f: getattr(self, f) for f in RESHAPING_FIELDS}
 
     def fits_weights_of(self, other: ModelConfig) -> bool:
-        """Whether weights trained under ``other`` load into this config: all fields equal but the
-        reshapings, ``recogniser`` and ``default_strength``."""
-        own = {**self.reshapings(), "recogniser": self.recogniser, "default_strength": self.default_strength}
+        """Whether the U-Net weights trained under ``other`` load into this config: all fields equal but
+        the reshapings, ``recogniser``, ``default_strength`` and ``adaptive_strength`` (its head is fitted
+        after training)."""
+        own = {**self.reshapings(), "recogniser": self.recogniser, "default_strength": self.default_strength,
+               "adaptive_strength": self.adaptive_strength}
         return dataclasses.replace(other, **own) == self
 
     def to_dict(self) -> dict[str, Any]:

@@ -121,6 +121,35 @@ class Up(nn.Module):
         return self.body(torch.cat([x, skip], dim=1))
 
 
+class StrengthHead(nn.Module):
+    """How hard a face is to de-identify, read from the U-Net's bottleneck: a linear map of its
+    per-channel mean and standard deviation to a standardised score z in [-3, 3] (0 = typical).
+
+    Fitted by ridge regression to the training recogniser's cos(C, D) on training covers
+    (``training/fit_strength_head.py``); starts at zero, i.e. the same strength for every face.
+    """
+
+    LIMIT = 3.0
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2 * channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    @staticmethod
+    def statistics(bottleneck: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, 2C)``: per-channel mean and standard deviation, in float32."""
+        x = bottleneck.float()
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> z ``(B,)``."""
+        with torch.autocast(bottleneck.device.type, enabled=False):  # a reading of the whole face: float32
+            z = F.linear(self.statistics(bottleneck), self.linear.weight.float(), self.linear.bias.float())
+        return z[:, 0].clamp(-self.LIMIT, self.LIMIT)
+
+
 class HidingNetwork(nn.Module):
     """U-Net hiding network ``D = HN(C, tile(e))``; sizes come from a :class:`ModelConfig`.
 
@@ -148,6 +177,7 @@ class HidingNetwork(nn.Module):
         self.head = nn.Conv2d(cin, 3, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.strength_head = StrengthHead(ch[-1]) if config.adaptive_strength > 0 else None
         bank = identity_bank if identity_bank is not None else torch.zeros(0, config.feature_dim)
         self.register_buffer(IDENTITY_BANK_KEY, bank.float().contiguous(), persistent=True)
 
@@ -164,24 +194,38 @@ class HidingNetwork(nn.Module):
 
         With ``config.flip_average`` it is the mean of the U-Net's change for C and for C mirrored
         left-right (mirrored back): two passes of B (faster on CPU than one of 2B), the mirror in C's
-        memory format. With ``config.sharpen`` the change is then sharpened (:func:`unsharp`).
+        memory format. With ``config.sharpen`` the change is then sharpened (:func:`unsharp`), and with
+        ``config.adaptive_strength`` each face's change is scaled by :meth:`face_strength`.
         """
         s = self.config.image_size
         if cover.shape[-2:] != (s, s) or cover.shape[1] != 3:
             raise ValueError(f"cover must be (B, 3, {s}, {s}), got {tuple(cover.shape)}")
         if feature.shape != (cover.shape[0], self.config.feature_dim):
             raise ValueError(f"feature must be (B, {self.config.feature_dim}), got {tuple(feature.shape)}")
+        bottlenecks: list[torch.Tensor] | None = [] if self.strength_head is not None else None
         if self.config.flip_average:
             mirror = cover.flip(-1)
             if cover.is_contiguous(memory_format=torch.channels_last):
                 mirror = mirror.contiguous(memory_format=torch.channels_last)
-            change = 0.5 * (self.unet(cover, feature) + self.unet(mirror, feature).flip(-1))
+            change = 0.5 * (self.unet(cover, feature, bottlenecks) + self.unet(mirror, feature, bottlenecks).flip(-1))
         else:
-            change = self.unet(cover, feature)
-        return unsharp(change, self.config.sharpen, self.config.sharpen_sigma)
+            change = self.unet(cover, feature, bottlenecks)
+        change = unsharp(change, self.config.sharpen, self.config.sharpen_sigma)
+        if bottlenecks:
+            scale = self.face_strength(sum(b.float() for b in bottlenecks) / len(bottlenecks))
+            change = (change.float() * scale[:, None, None, None]).to(change.dtype)
+        return change
 
-    def unet(self, cover: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        """The U-Net's own change for ``cover`` ``(B, 3, S, S)`` and ``feature`` ``(B, D)``, unaveraged."""
+    def face_strength(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """Per-face strength factor ``exp(γ z)`` ``(B,)`` from the U-Net's bottleneck ``(B, C, h, w)``
+        (with the mirror average, the mean of the two passes' maps); ones without a strength head."""
+        if self.strength_head is None:
+            return bottleneck.new_ones(bottleneck.shape[0], dtype=torch.float32)
+        return torch.exp(self.config.adaptive_strength * self.strength_head(bottleneck))
+
+    def unet(self, cover: torch.Tensor, feature: torch.Tensor, bottlenecks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The U-Net's own change for ``cover`` ``(B, 3, S, S)`` and ``feature`` ``(B, D)``, unaveraged;
+        its bottleneck ``(B, C, S/2^L, S/2^L)`` is appended to ``bottlenecks`` when one is given."""
         x = torch.cat([cover, tile_feature(feature.to(cover.dtype), self.config.image_size)], dim=1)
         x = self.stem(x)
         skips = []
@@ -189,6 +233,8 @@ class HidingNetwork(nn.Module):
             skips.append(x)
             x = down(x)
         x = self.mid(x)
+        if bottlenecks is not None:
+            bottlenecks.append(x)
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(x, skip)
         return self.head(x)

@@ -3,7 +3,7 @@
     python hub/assemble.py MODEL --checkpoint CKPT.json --sweep SWEEP \
         --lfw LFW/results.json [LFW_SWEEP/results.json hub/featdeid-default/eval_lfw.json ...] \
         [--celeba CELEBA/results.json [hub/featdeid-default/eval_celeba.json ...]] \
-        [--hub hub/featdeid-default] [--package featdeid/default_model]
+        [--strength-head HEAD] [--hub hub/featdeid-default] [--package featdeid/default_model]
 
 ``MODEL`` is a folder written by ``training/export.py`` whose ``default_strength`` was set by
 ``training/select_strength.py --write`` (its output folder is ``SWEEP``). The ``featdeid eval`` reports
@@ -12,7 +12,7 @@ earlier card's reports can be given last to carry the baselines over without mea
 ``featdeid@S`` results of any other model (another ``model_fingerprint``: other weights, bank or
 residual settings) are dropped, so the card only reports the model it ships.
 Writes into the Hub folder: ``config.json``, ``model.safetensors``, ``checkpoint.json``, ``sweep.json``,
-``sweep.png``, ``eval_lfw.json``, ``eval_celeba.json``, the black-box CMC curves and the quality-vs-ASR
+``sweep.png``, ``strength_head.json`` and ``.png`` (``--strength-head``), ``eval_lfw.json``, ``eval_celeba.json``, the black-box CMC curves and the quality-vs-ASR
 plot of the merged LFW report (``lfw_*.png``) and the card (``README.md``, by ``hub/model_card.py``);
 the package folder gets the model files and the card. All inputs are read before anything is written,
 and every file is written atomically (a temporary file and a rename).
@@ -38,6 +38,7 @@ from featdeid.images import atomic_write  # noqa: E402
 from featdeid.model import HidingNetwork  # noqa: E402
 
 MODEL_FILES = ("config.json", "model.safetensors")
+HEAD_FILES = ("strength_head.json", "strength_head.png")
 
 
 def _read(paths: list[Path], fingerprint: str) -> dict:
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", required=True, type=Path, help="output folder of training/select_strength.py")
     p.add_argument("--lfw", required=True, type=Path, nargs="+", help="featdeid eval --set lfw reports, merged in order")
     p.add_argument("--celeba", type=Path, nargs="*", default=[], help="featdeid eval --set celeba reports, merged in order")
+    p.add_argument("--strength-head", type=Path, default=None,
+                   help="output folder of training/fit_strength_head.py (for a model with adaptive_strength)")
     p.add_argument("--hub", type=Path, default=REPO_ROOT / "hub" / "featdeid-default")
     p.add_argument("--package", type=Path, default=REPO_ROOT / "featdeid" / "default_model")
     args = p.parse_args(argv)
@@ -80,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     strength = json.loads(files["config.json"])["default_strength"]
     checkpoint = json.loads(args.checkpoint.read_text())
     sweep, sweep_png = (args.sweep / "sweep.json").read_bytes(), (args.sweep / "sweep.png").read_bytes()
+    adaptive = json.loads(files["config.json"]).get("adaptive_strength", 0.0)
+    if bool(adaptive) != bool(args.strength_head):
+        raise SystemExit("error: a model with adaptive_strength needs --strength-head (the fit_strength_head.py report), "
+                         f"and only such a model takes one (this one: adaptive_strength {adaptive:g})")
+    head = {n: (args.strength_head / n).read_bytes() for n in HEAD_FILES} if args.strength_head else {}
     lfw = _read(args.lfw, fingerprint)
     celeba = _read(args.celeba, fingerprint) if args.celeba else None
     if not any(m["name"] == f"featdeid@{strength:g}" for m in lfw["methods"]):
@@ -87,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     hub = args.hub
     hub.mkdir(parents=True, exist_ok=True)
-    for old in hub.glob("lfw_*.png"):
-        old.unlink()
+    for old in [*hub.glob("lfw_*.png"), *(hub / n for n in HEAD_FILES if not head)]:
+        old.unlink(missing_ok=True)
+    for name, data in head.items():
+        atomic_write(data, hub / name)
     for name, data in files.items():
         atomic_write(data, hub / name)
     atomic_write((json.dumps(checkpoint) + "\n").encode(), hub / "checkpoint.json")

@@ -161,6 +161,19 @@ def _surrogate(report: dict[str, Any]) -> str:
     )
 
 
+def _head_section(head: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {r['gamma']:g} | {r['strength']:.3f} | {r['psnr']:.2f} | {100 * r['asr']:.1f} | {r['mean_cos']:+.3f} | "
+                     f"{r['strength_p10']:.2f}–{r['strength_p90']:.2f} |" for r in head["rows"])
+    return ("## Per-face strength (validation covers)\n\n"
+            f"Head fitted to the cos(C, D) of `{head.get('fitted_to', 'the EN')}` on {head['training_covers']} training covers "
+            f"(ridge λ {head['lambda']:g}; correlation on the {head['validation_covers']} validation covers "
+            f"{head['validation_corr']:.2f}). Each γ replayed on the validation covers at the common strength that keeps mean "
+            f"PSNR ≥ {head['min_psnr']:g} dB at the {head['confidence']:.0%} confidence bound; ASR of "
+            f"`{head.get('replayed_with', 'the EN')}` at its threshold {head['threshold']:g}; chosen γ {head['chosen_gamma']:g}.\n\n"
+            "| γ | strength | PSNR dB | EN ASR % | EN cos(C, D) | per-face strength p10–p90 |\n|---:|---:|---:|---:|---:|---:|\n"
+            + rows + "\n\n![per-face strength: γ on the validation covers](strength_head.png)\n")
+
+
 def _reproduce(commands: list[str]) -> str:
     return "Reproduce: " + ", then ".join(f"`{c}`" for c in commands)
 
@@ -200,7 +213,13 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         + (f" The change is then sharpened (`sharpen` {model_cfg['sharpen']:g}: an unsharp mask, r + "
            f"{model_cfg['sharpen']:g} (r − G ∗ r) with a Gaussian G of {model_cfg['sharpen_sigma']:g} px at "
            f"{model_cfg['image_size']} px), which at equal PSNR moves more of it into the fine detail recognisers read."
-           if model_cfg["sharpen"] else ""),
+           if model_cfg["sharpen"] else "")
+        + (f" Per-face strength (`adaptive_strength` γ {model_cfg['adaptive_strength']:g}): a linear head on the U-Net's "
+           "bottleneck (per-channel mean and standard deviation) reads how hard each face is to de-identify, z in [−3, 3], "
+           f"and the face's change is scaled by exp({model_cfg['adaptive_strength']:g} z): more for faces a recogniser would "
+           "still match, less for easy ones, at the same mean PSNR. The head is fitted on training covers, γ chosen on the "
+           "validation covers (`training/fit_strength_head.py`, below)."
+           if model_cfg["adaptive_strength"] else ""),
         f"- Identity bank: EN features of the training split of the GAN faces (no real person); each face gets one, seeded.",
         f"- EN (extracting network, white-box): `{model_cfg['recogniser']}` (MobileFaceNet-style, 512-d, MIT-licensed "
         "vendor weights of unknown training data).",
@@ -241,6 +260,8 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
         "## Strength sweep (validation covers)\n",
         "| strength | PSNR dB | SSIM | LPIPS(alex) | EN cos(C, D) |\n|---:|---:|---:|---:|---:|\n" + sweep_rows + "\n",
         "![strength sweep on the validation covers](sweep.png)\n",
+        *([_head_section(json.loads((folder / "strength_head.json").read_text()))]
+          if model_cfg["adaptive_strength"] and (folder / "strength_head.json").is_file() else []),
         "## Results: LFW, full protocol (`featdeid eval --set lfw`)\n",
         "6,000 pairs (10 folds); thresholds set for best accuracy on the original pairs; ASR = share of the "
         "genuine pairs (D₁, I₂) judged different (all 3,000, or 1,000 spread over the folds where the table says so). 1:N: 200 persons × 3 images, all six combinations. dlib and "

@@ -127,6 +127,20 @@ def test_assemble_rebuilds_both_folders_from_the_measurements(tmp_path: Path, fo
     proc = subprocess.run([*cmd[:cmd.index("--lfw") + 1], str(tmp_path / "baselines.json"), *cmd[cmd.index("--celeba"):]],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "default strength" in proc.stderr
+    proc = subprocess.run([*cmd, "--strength-head", str(sweep)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "adaptive_strength" in proc.stderr  # this model has no per-face strength
+
+
+def test_card_describes_a_per_face_strength_head() -> None:
+    sys.path.insert(0, str(REPO_ROOT / "hub"))
+    from model_card import _head_section
+
+    rows = [{"gamma": g, "strength": 0.98 - g / 10, "psnr": 30.1 + g, "psnr_se": 0.05, "asr": 0.93 + g / 10,
+             "mean_cos": 0.07, "strength_p10": 0.98 - g, "strength_p90": 0.98 + g} for g in (0.0, 0.2)]
+    text = _head_section({"training_covers": 3000, "validation_covers": 298, "lambda": 1000.0, "validation_corr": 0.54,
+                          "min_psnr": 30.0, "confidence": 0.95, "threshold": 0.27, "chosen_gamma": 0.2, "rows": rows})
+    assert "| 0.2 | 0.960 | 30.30 | 95.0 | +0.070 | 0.78–1.18 |" in text and "chosen γ 0.2" in text
+    assert "](strength_head.png)" in text
 
 
 def test_default_is_the_packaged_model(folder: Path) -> None:

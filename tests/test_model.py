@@ -68,6 +68,7 @@ def test_paper_config_is_the_paper_size():
         dict(image_size=100), dict(channel_mults=()), dict(base_channels=0), dict(feature_dim=500), dict(default_strength=-1),
         dict(image_size="256"), dict(default_strength=True), dict(recogniser=5), dict(frame="other-template"),
         dict(flip_average="yes"), dict(sharpen=-0.5), dict(sharpen="1"), dict(sharpen_sigma=0), dict(sharpen=float("nan")),
+        dict(adaptive_strength=-0.1), dict(adaptive_strength=2.0), dict(adaptive_strength="0.1"),
     ],
 )
 def test_config_validation(bad):
@@ -155,6 +156,43 @@ def test_sharpen_travels_with_the_config(tmp_path, random_model):
     data = json.loads((random_model.save_pretrained(tmp_path / "p") / "config.json").read_text())
     del data["sharpen"], data["sharpen_sigma"]
     assert ModelConfig.from_dict(data).sharpen == 0.0  # configs written before the keys load unchanged
+
+
+def test_strength_head_scales_each_face_and_travels_with_the_config(tmp_path, random_model):
+    from featdeid.model import StrengthHead
+
+    adaptive = HidingNetwork(dataclasses.replace(random_model.config, adaptive_strength=0.2), random_model.identity_bank)
+    missing, unexpected = adaptive.load_state_dict(random_model.state_dict(), strict=False)
+    assert sorted(missing) == ["strength_head.linear.bias", "strength_head.linear.weight"] and not unexpected
+    c = torch.rand(4, 3, 64, 64)
+    e = random_model.identity_bank[:4]
+    with torch.inference_mode():
+        plain = random_model.residual(c, e)
+        torch.testing.assert_close(adaptive.residual(c, e), plain)  # an unfitted head: one strength for all
+        torch.manual_seed(1)
+        torch.nn.init.normal_(adaptive.strength_head.linear.weight, std=1.0)
+        grabbed = []
+        hook = adaptive.mid.register_forward_hook(lambda m, i, o: grabbed.append(o))
+        r = adaptive.residual(c, e)
+        hook.remove()
+        z = adaptive.strength_head(grabbed[0])
+        assert z.shape == (4,) and z.abs().max() <= StrengthHead.LIMIT and z.std() > 0.1
+        torch.testing.assert_close(r, plain * torch.exp(0.2 * z)[:, None, None, None], atol=1e-4, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the head reads the face in float32 under autocast too
+            torch.testing.assert_close(adaptive.strength_head(grabbed[0].bfloat16()),
+                                       adaptive.strength_head(grabbed[0].bfloat16().float()))
+    assert random_model.strength_head is None
+    assert not any(k.startswith("strength_head") for k in random_model.state_dict())  # older model files load as before
+    loaded = HidingNetwork.from_pretrained(adaptive.save_pretrained(tmp_path / "a"))
+    assert loaded.config.adaptive_strength == 0.2
+    with torch.inference_mode():
+        assert torch.equal(loaded(c, e), adaptive(c, e))
+    assert loaded.config.fits_weights_of(random_model.config) and random_model.config.fits_weights_of(loaded.config)
+    from featdeid.evaluation.baselines import model_fingerprint
+
+    off = HidingNetwork(dataclasses.replace(random_model.config, adaptive_strength=0.0), random_model.identity_bank)
+    off.load_state_dict(random_model.state_dict())
+    assert model_fingerprint(off) == model_fingerprint(random_model) != model_fingerprint(loaded)
 
 
 def test_refuses_pickles_and_bad_configs(tmp_path, random_model):

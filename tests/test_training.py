@@ -298,6 +298,8 @@ def test_env_expansion_and_config_errors(monkeypatch):
         config_from_dict({**base, "optim": {"learning_rate": 1}})
     with pytest.raises(ConfigError, match="valid names"):
         config_from_dict({**base, "losses": {"weights": {"nearr": 1}}})
+    with pytest.raises(ConfigError, match="fit_strength_head"):
+        config_from_dict({**base, "model": {"preset": "small_cpu", "adaptive_strength": 0.2}})
 
 
 def test_experiment_configs_load_and_use_allowed_data():
@@ -663,3 +665,54 @@ def test_init_from_copies_weights_across_inference_reshapings_but_not_architectu
     wider = HidingNetwork(dataclasses.replace(random_model.config, base_channels=16))
     with pytest.raises(ConfigError, match="differs"):
         init_weights(wider, model_dir)
+
+
+def test_strength_head_is_fitted_on_training_covers_and_gamma_chosen_on_validation(tmp_path, cache_dir):
+    """fit_strength_head.py on the shipped model: a head that reads the EN's hard faces, γ from the validation replay."""
+    import dataclasses
+
+    from featdeid.model import StrengthHead
+    from featdeid.weights import load_safetensors
+    from training.train import init_weights
+
+    cfg_path = _tiny_config(tmp_path, cache_dir, covers=90, val=0.25)
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "featdeid" / "default_model", model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    script = str(REPO / "training" / "fit_strength_head.py")
+    base = [sys.executable, script, "--config", str(cfg_path), "--model", str(model), "--covers", "60",
+            "--gammas", "0,0.1,0.2"]
+    _run([*base, "--out", str(tmp_path / "dry")])
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # nothing written without --write
+    report = json.loads((tmp_path / "dry" / "strength_head.json").read_text())
+    assert (tmp_path / "dry" / "strength_head.png").stat().st_size > 1000
+    assert report["training_covers"] == 60 and report["validation_covers"] >= 15
+    rows = report["rows"]
+    assert [r["gamma"] for r in rows] == [0.0, 0.1, 0.2] and report["chosen_gamma"] in (0.0, 0.1, 0.2)
+    assert all(r["psnr"] - 1.645 * r["psnr_se"] >= 30.0 - 1e-3 for r in rows)  # every γ at the same PSNR bound
+    assert rows[0]["strength_p10"] == pytest.approx(rows[0]["strength_p90"])  # γ 0: one strength for all
+    assert rows[2]["strength_p90"] > rows[2]["strength_p10"] * 1.05
+    assert np.isfinite(report["validation_corr"])
+
+    other = json.loads(cfg_path.read_text())
+    other["data"]["val_fraction"] = 0.5
+    (tmp_path / "other.yaml").write_text(json.dumps(other))
+    r = subprocess.run([*base, "--fit-config", str(tmp_path / "other.yaml"), "--out", str(tmp_path / "bad")], env=_env(),
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and "splits other data" in r.stderr and not (tmp_path / "bad").exists()
+    _run([*base, "--gammas", "0.2", "--out", str(tmp_path / "fit"), "--write"])
+    fitted = HidingNetwork.from_pretrained(model)
+    assert fitted.config.adaptive_strength == 0.2 and fitted.config.default_strength == 0.98
+    state = load_safetensors(model / "model.safetensors")
+    assert state["strength_head.linear.weight"].shape == (1, 256) and state["head.weight"].dtype == torch.float16
+    plain = HidingNetwork.from_pretrained(REPO / "featdeid" / "default_model")
+    torch.manual_seed(0)
+    c = torch.linspace(0.2, 1.0, 6)[:, None, None, None] * torch.rand(6, 3, 128, 128)  # inputs that differ in kind
+    e = plain.identity_bank[:6]
+    with torch.inference_mode():
+        ratio = (fitted.residual(c, e).flatten(1).norm(dim=1) / plain.residual(c, e).flatten(1).norm(dim=1))
+    assert ratio.min() >= np.exp(-0.2 * StrengthHead.LIMIT) - 1e-4 and ratio.max() <= np.exp(0.2 * StrengthHead.LIMIT) + 1e-4
+    assert ratio.std() > 1e-3  # faces get different strengths
+    target = HidingNetwork(dataclasses.replace(plain.config, adaptive_strength=0.0))
+    init_weights(target, model)  # a fitted model still seeds a training run (its head is left out)
+    assert target.strength_head is None

@@ -202,6 +202,8 @@ def _model_config(data: Any) -> ModelConfig:
     preset = data.pop("preset", "paper")
     if preset not in MODEL_PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}; valid: {', '.join(MODEL_PRESETS)}")
+    if data.get("adaptive_strength"):
+        raise ConfigError("model.adaptive_strength is not trained: fit it after export with training/fit_strength_head.py")
     base = MODEL_PRESETS[preset].to_dict()
     base.update(data)
     return ModelConfig.from_dict(base)

@@ -37,22 +37,39 @@ FRAME = 256
 
 def validation_frames(cfg: Any, size: int = FRAME, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """The config's validation covers, detected (dlib) and aligned at ``size``: uint8 ``(N, 3, S, S)`` and keys."""
+    return cover_frames(cfg, "val", size, limit)
+
+
+def cover_frames(cfg: Any, split: str, size: int = FRAME, limit: int | None = None, seed: int | None = None,
+                 progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Covers of the config's ``"train"`` or ``"val"`` split (in split order, or shuffled with ``seed``),
+    detected (dlib) and aligned at ``size``: the first ``limit`` with a face, uint8 ``(N, 3, S, S)``, and keys."""
+    from tqdm.auto import tqdm
+
     from featdeid.faces.detect import get_detector
     from training.data import _largest_face, align_face, list_source
     from training.experiment import build_covers
 
-    covers, _, cover_val = build_covers(cfg, progress=False)
-    keys = [covers.keys[int(i)] for i in cover_val][:limit]
+    covers, cover_train, cover_val = build_covers(cfg, progress=False)
+    order = np.asarray(cover_train if split == "train" else cover_val)
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(order)
     loaders = dict(list_source(cfg.data.cover)[0])
     det = get_detector(cfg.data.detector)
     frames, used = [], []
-    for k in keys:
+    bar = tqdm(total=limit or len(order), desc=f"{split} covers", disable=not progress)
+    for i in order:
+        if limit is not None and len(used) == limit:
+            break
+        k = covers.keys[int(i)]
         image = loaders[k]().convert("RGB")
         lm = _largest_face(det, np.asarray(image))
         if lm is None:
             continue
         frames.append(torch.from_numpy(align_face(image, lm, size)).permute(2, 0, 1))
         used.append(k)
+        bar.update()
+    bar.close()
     return torch.stack(frames), used
 
 

@@ -195,7 +195,9 @@ class HidingNetwork(nn.Module):
         With ``config.flip_average`` it is the mean of the U-Net's change for C and for C mirrored
         left-right (mirrored back): two passes of B (faster on CPU than one of 2B), the mirror in C's
         memory format. With ``config.sharpen`` the change is then sharpened (:func:`unsharp`), and with
-        ``config.adaptive_strength`` each face's change is scaled by :meth:`face_strength`.
+        ``config.adaptive_strength`` γ each face's change is scaled by ``exp(γ z)``, z the
+        :class:`StrengthHead`'s reading of the bottleneck (with the mirror average, the mean of the two
+        passes' maps).
         """
         s = self.config.image_size
         if cover.shape[-2:] != (s, s) or cover.shape[1] != 3:
@@ -212,16 +214,14 @@ class HidingNetwork(nn.Module):
             change = self.unet(cover, feature, bottlenecks)
         change = unsharp(change, self.config.sharpen, self.config.sharpen_sigma)
         if bottlenecks:
-            scale = self.face_strength(sum(b.float() for b in bottlenecks) / len(bottlenecks))
-            change = (change.float() * scale[:, None, None, None]).to(change.dtype)
+            z = self.strength_head(sum(b.float() for b in bottlenecks) / len(bottlenecks))
+            change = (change.float() * torch.exp(self.config.adaptive_strength * z)[:, None, None, None]).to(change.dtype)
         return change
 
-    def face_strength(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        """Per-face strength factor ``exp(γ z)`` ``(B,)`` from the U-Net's bottleneck ``(B, C, h, w)``
-        (with the mirror average, the mean of the two passes' maps); ones without a strength head."""
-        if self.strength_head is None:
-            return bottleneck.new_ones(bottleneck.shape[0], dtype=torch.float32)
-        return torch.exp(self.config.adaptive_strength * self.strength_head(bottleneck))
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """The state dict without a strength head: the U-Net and the identity bank, which training and
+        export carry between configs (a head is fitted to one exported model, after training)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("strength_head.")}
 
     def unet(self, cover: torch.Tensor, feature: torch.Tensor, bottlenecks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The U-Net's own change for ``cover`` ``(B, 3, S, S)`` and ``feature`` ``(B, D)``, unaveraged;

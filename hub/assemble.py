@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
     files = {n: (args.model / n).read_bytes() for n in MODEL_FILES}
     fingerprint = model_fingerprint(HidingNetwork.from_pretrained(args.model))
-    strength = json.loads(files["config.json"])["default_strength"]
+    model_config = json.loads(files["config.json"])
+    strength = model_config["default_strength"]
     checkpoint = json.loads(args.checkpoint.read_text())
     sweep, sweep_png = (args.sweep / "sweep.json").read_bytes(), (args.sweep / "sweep.png").read_bytes()
-    adaptive = json.loads(files["config.json"]).get("adaptive_strength", 0.0)
+    adaptive = model_config.get("adaptive_strength", 0.0)
     if bool(adaptive) != bool(args.strength_head):
         raise SystemExit("error: a model with adaptive_strength needs --strength-head (the fit_strength_head.py report), "
                          f"and only such a model takes one (this one: adaptive_strength {adaptive:g})")

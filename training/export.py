@@ -126,8 +126,7 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     if sharpen is not None:
         config = dataclasses.replace(config, sharpen=sharpen)
     model = HidingNetwork(config, identity_bank=bank)
-    # a strength head belongs to one export (training/fit_strength_head.py fits it afterwards)
-    state = {**{k: v for k, v in net.state_dict().items() if not k.startswith("strength_head.")}, "identity_bank": bank}
+    state = {**net.network_state(), "identity_bank": bank}
     model.load_state_dict(state, strict=True)
     model.save_pretrained(output, half=half, card=model_card(cfg, info, int(bank.shape[0])))
     return output

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         model = HidingNetwork.from_pretrained(args.model)
         base = HidingNetwork(dataclasses.replace(model.config, adaptive_strength=0.0), identity_bank=model.identity_bank)
-        base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("strength_head.")})
+        base.load_state_dict(model.network_state())
         base.eval()
         recogniser = build_recogniser(cfg)
         fit_cfg = load_config(args.fit_config) if args.fit_config else cfg

@@ -112,7 +112,7 @@ def init_weights(model: HidingNetwork, folder: str | Path) -> None:
     source = HidingNetwork.from_pretrained(folder)
     if not model.config.fits_weights_of(source.config):  # a run may train through a reshaping its source lacks
         raise ConfigError(f"run.init_from {folder}: its model config {source.config} differs from this run's {model.config}")
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith("strength_head.")}  # fitted after training
+    state = source.network_state()
     state[IDENTITY_BANK_KEY] = model.state_dict()[IDENTITY_BANK_KEY]  # weights only: an exported folder's bank is not trained
     model.load_state_dict(state)
 

@@ -12,7 +12,7 @@ from .errors import ConfigError
 FORMAT_VERSION = 1
 # ModelConfig fields that post-process the network's change at inference; like ``recogniser`` and
 # ``default_strength`` they shape no weights
-RESHAPING_FIELDS = ("flip_average", "sharpen", "sharpen_sigma")
+RESHAPING_FIELDS = ("flip_average", "sharpen", "sharpen_sigma", "chroma")
 
 
 def tiling_shape(feature_dim: int, image_size: int) -> tuple[int, int, int]:
@@ -48,6 +48,8 @@ class ModelConfig:
     image (mirrored back), which keeps the part of the change that other recognisers also read.
     ``sharpen``: unsharp-mask amount applied to the residual (``r + sharpen * (r - blur(r))``, a
     Gaussian of ``sharpen_sigma`` pixels of the model's frame); 0 leaves the network's change as is.
+    ``chroma``: scale of the change's colour part (its difference from the per-pixel mean over R, G, B),
+    after sharpening; 1 leaves it, 0 makes the change grey (brightness only).
     ``adaptive_strength``: γ of the per-face strength: each face's change is scaled by ``exp(γ z)``,
     z in [-3, 3] the strength head's standardised reading of how hard the face is to de-identify
     (``training/fit_strength_head.py``); 0: one strength for every face, and no head.
@@ -65,6 +67,7 @@ class ModelConfig:
     flip_average: bool = False
     sharpen: float = 0.0
     sharpen_sigma: float = 1.0
+    chroma: float = 1.0
     adaptive_strength: float = 0.0
     version: int = FORMAT_VERSION
 
@@ -95,7 +98,8 @@ class ModelConfig:
             raise ConfigError(f"unknown face frame {self.frame!r}; this featdeid knows 'arcface112@...'")
         if not isinstance(self.flip_average, bool):
             raise ConfigError(f"flip_average must be true or false, got {self.flip_average!r}")
-        for name, lo, hi in (("sharpen", 0.0, 8.0), ("sharpen_sigma", 0.25, 8.0), ("adaptive_strength", 0.0, 1.0)):
+        for name, lo, hi in (("sharpen", 0.0, 8.0), ("sharpen_sigma", 0.25, 8.0), ("chroma", 0.0, 4.0),
+                             ("adaptive_strength", 0.0, 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise ConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")

@@ -68,6 +68,22 @@ def unsharp(residual: torch.Tensor, amount: float, sigma: float) -> torch.Tensor
     return (r + amount * (r - blur)).to(residual.dtype)
 
 
+def scale_chroma(residual: torch.Tensor, chroma: float) -> torch.Tensor:
+    """Scale the colour part of a change: ``m + chroma * (r - m)``, m the per-pixel mean over channels.
+
+    Args:
+        residual: ``(B, C, H, W)``.
+        chroma: 1 returns ``residual`` unchanged; 0 gives every channel the mean (a grey change).
+    Returns:
+        ``(B, C, H, W)`` in ``residual``'s dtype.
+    """
+    if chroma == 1:
+        return residual
+    r = residual.float()
+    mean = r.mean(1, keepdim=True)
+    return (mean + chroma * (r - mean)).to(residual.dtype)
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, channels), channels)
 
@@ -194,7 +210,8 @@ class HidingNetwork(nn.Module):
 
         With ``config.flip_average`` it is the mean of the U-Net's change for C and for C mirrored
         left-right (mirrored back): two passes of B (faster on CPU than one of 2B), the mirror in C's
-        memory format. With ``config.sharpen`` the change is then sharpened (:func:`unsharp`), and with
+        memory format. With ``config.sharpen`` the change is then sharpened (:func:`unsharp`), its colour
+        part scaled by ``config.chroma`` (:func:`scale_chroma`), and with
         ``config.adaptive_strength`` γ each face's change is scaled by ``exp(γ z)``, z the
         :class:`StrengthHead`'s reading of the bottleneck (with the mirror average, the mean of the two
         passes' maps).
@@ -212,7 +229,7 @@ class HidingNetwork(nn.Module):
             change = 0.5 * (self.unet(cover, feature, bottlenecks) + self.unet(mirror, feature, bottlenecks).flip(-1))
         else:
             change = self.unet(cover, feature, bottlenecks)
-        change = unsharp(change, self.config.sharpen, self.config.sharpen_sigma)
+        change = scale_chroma(unsharp(change, self.config.sharpen, self.config.sharpen_sigma), self.config.chroma)
         if bottlenecks:
             z = self.strength_head(sum(b.float() for b in bottlenecks) / len(bottlenecks))
             change = (change.float() * torch.exp(self.config.adaptive_strength * z)[:, None, None, None]).to(change.dtype)

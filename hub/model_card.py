@@ -178,17 +178,20 @@ def _reproduce(commands: list[str]) -> str:
     return "Reproduce: " + ", then ".join(f"`{c}`" for c in commands)
 
 
-def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any], celeba: dict[str, Any] | None) -> str:
+def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any], celeba: dict[str, Any] | None,
+         checkpoint: dict[str, Any] | None = None) -> str:
+    """The card's text; ``checkpoint`` is the exported checkpoint's ``best.json`` (default: the training run's ``best/best.json``)."""
     from featdeid.config import ModelConfig
 
     model_cfg = {**ModelConfig().to_dict(), **json.loads((folder / "config.json").read_text())}  # keys it omits: defaults
     strength = model_cfg["default_strength"]
     export_flags = " ".join([*(["--flip-average"] if model_cfg["flip_average"] else []),
-                             *([f"--sharpen {model_cfg['sharpen']:g}"] if model_cfg["sharpen"] else [])])
-    best_json = folder / "checkpoint.json"  # the exported checkpoint's best.json, kept beside the card
-    if not best_json.is_file():
+                             *([f"--sharpen {model_cfg['sharpen']:g}"] if model_cfg["sharpen"] else []),
+                             *([f"--chroma {model_cfg['chroma']:g}"] if model_cfg["chroma"] != 1 else [])])
+    best = checkpoint
+    if best is None:
         best_json = REPO_ROOT / "training" / "checkpoints" / cfg.name / "best" / "best.json"
-    best = json.loads(best_json.read_text()) if best_json.is_file() else {}
+        best = json.loads(best_json.read_text()) if best_json.is_file() else {}
     step = best.get("step") if "selected" in best else None  # a hand-picked training checkpoint, not best/
     w = cfg.losses.weights
     sweep_rows = "\n".join(
@@ -214,13 +217,18 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
            f"{model_cfg['sharpen']:g} (r − G ∗ r) with a Gaussian G of {model_cfg['sharpen_sigma']:g} px at "
            f"{model_cfg['image_size']} px), which at equal PSNR moves more of it into the fine detail recognisers read."
            if model_cfg["sharpen"] else "")
+        + ((" Its colour part is then removed (`chroma` 0): the change is grey, the same in R, G and B, which at "
+            "equal PSNR leaves more black-box recognisers fooled; the colour part mostly served the training EN."
+            if model_cfg["chroma"] == 0 else
+            f" Its colour part (the difference from the per-pixel mean of R, G, B) is then scaled by {model_cfg['chroma']:g} (`chroma`).")
+           if model_cfg["chroma"] != 1 else "")
         + (f" Per-face strength (`adaptive_strength` γ {model_cfg['adaptive_strength']:g}): a linear head on the U-Net's "
            "bottleneck (per-channel mean and standard deviation) reads how hard each face is to de-identify, z in [−3, 3], "
            f"and the face's change is scaled by exp({model_cfg['adaptive_strength']:g} z): more for faces a recogniser would "
            "still match, less for easy ones, at the same mean PSNR. The head is fitted on training covers, γ chosen on the "
            "validation covers (`training/fit_strength_head.py`, below)."
            if model_cfg["adaptive_strength"] else ""),
-        f"- Identity bank: EN features of the training split of the GAN faces (no real person); each face gets one, seeded.",
+        "- Identity bank: EN features of the training split of the GAN faces (no real person); each face gets one, seeded.",
         f"- EN (extracting network, white-box): `{model_cfg['recogniser']}` (MobileFaceNet-style, 512-d, MIT-licensed "
         "vendor weights of unknown training data).",
         f"- Default strength **{strength:g}**, chosen on {sweep['covers']} validation covers (UTKFace validation split, never "
@@ -308,10 +316,9 @@ def card(folder: Path, cfg: Any, sweep: dict[str, Any], results: dict[str, Any],
     return "\n".join(parts) + "\n"
 
 
-def _config_from_checkpoint(folder: Path) -> Path:
-    """``training/configs/<config>.yaml`` for the config that ``folder/checkpoint.json`` names."""
-    ckpt = folder / "checkpoint.json"
-    name = json.loads(ckpt.read_text()).get("config") if ckpt.is_file() else None
+def _config_from_checkpoint(ckpt: Path, checkpoint: dict[str, Any] | None) -> Path:
+    """``training/configs/<config>.yaml`` for the config that ``checkpoint.json`` names."""
+    name = (checkpoint or {}).get("config")
     if not name:
         raise SystemExit(f"error: give --config ({ckpt} does not name the training config)")
     path = REPO_ROOT / "training" / "configs" / f"{name}.yaml"
@@ -333,13 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+    from featdeid.images import atomic_write
     from training.config import load_config
 
-    config = args.config or _config_from_checkpoint(args.folder)
+    ckpt = args.folder / "checkpoint.json"  # the exported checkpoint's best.json, kept beside the card
+    checkpoint = json.loads(ckpt.read_text()) if ckpt.is_file() else None
+    config = args.config or _config_from_checkpoint(ckpt, checkpoint)
     text = card(args.folder, load_config(config), json.loads(args.sweep.read_text()), merge([json.loads(p.read_text()) for p in args.eval]),
-                json.loads(args.eval_celeba.read_text()) if args.eval_celeba else None)
+                json.loads(args.eval_celeba.read_text()) if args.eval_celeba else None, checkpoint)
     out = args.output or args.folder / "README.md"
-    out.write_text(text)
+    atomic_write(text.encode(), out)
     print(out)
     return 0
 

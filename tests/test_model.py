@@ -69,6 +69,7 @@ def test_paper_config_is_the_paper_size():
         dict(image_size="256"), dict(default_strength=True), dict(recogniser=5), dict(frame="other-template"),
         dict(flip_average="yes"), dict(sharpen=-0.5), dict(sharpen="1"), dict(sharpen_sigma=0), dict(sharpen=float("nan")),
         dict(adaptive_strength=-0.1), dict(adaptive_strength=2.0), dict(adaptive_strength="0.1"),
+        dict(chroma=-0.5), dict(chroma=5.0), dict(chroma=True), dict(chroma=float("nan")),
     ],
 )
 def test_config_validation(bad):
@@ -156,6 +157,41 @@ def test_sharpen_travels_with_the_config(tmp_path, random_model):
     data = json.loads((random_model.save_pretrained(tmp_path / "p") / "config.json").read_text())
     del data["sharpen"], data["sharpen_sigma"]
     assert ModelConfig.from_dict(data).sharpen == 0.0  # configs written before the keys load unchanged
+
+
+def test_chroma_scales_the_colour_part_of_the_change(tmp_path, random_model):
+    from featdeid.model import scale_chroma
+
+    r = torch.randn(2, 3, 16, 16)
+    assert scale_chroma(r, 1.0) is r
+    grey = scale_chroma(r, 0.0)
+    torch.testing.assert_close(grey, r.mean(1, keepdim=True).expand_as(r))
+    torch.testing.assert_close(scale_chroma(r, 0.5) - grey, 0.5 * (r - grey))
+    assert scale_chroma(r.half(), 0.0).dtype == torch.float16
+    cfg = dataclasses.replace(random_model.config, sharpen=1.0, chroma=0.0)
+    grey_model = HidingNetwork(cfg, random_model.identity_bank)
+    torch.manual_seed(0)
+    for p in grey_model.head.parameters():  # a non-zero change: the head starts at zero
+        torch.nn.init.normal_(p, std=0.05)
+    plain = HidingNetwork(dataclasses.replace(cfg, chroma=1.0), random_model.identity_bank)
+    plain.load_state_dict(grey_model.state_dict())
+    c, e = torch.rand(2, 3, 64, 64), random_model.identity_bank[:2]
+    with torch.inference_mode():
+        change, colour = grey_model.residual(c, e), plain.residual(c, e)
+        assert change.std(1).max() < 1e-5 and colour.std(1).max() > 1e-3  # brightness only
+        torch.testing.assert_close(change, scale_chroma(colour, 0.0))  # after the sharpening
+    loaded = HidingNetwork.from_pretrained(grey_model.save_pretrained(tmp_path / "g"))
+    assert loaded.config.chroma == 0.0 and loaded.config.reshapings()["chroma"] == 0.0
+    data = json.loads((random_model.save_pretrained(tmp_path / "p") / "config.json").read_text())
+    del data["chroma"]
+    assert ModelConfig.from_dict(data).chroma == 1.0  # configs written before the key load unchanged
+    from featdeid.evaluation.baselines import model_fingerprint, state_sha256
+
+    unchanged = state_sha256(random_model.state_dict(), salt=json.dumps(
+        {k: v for k, v in random_model.config.to_dict().items() if k not in ("default_strength", "adaptive_strength", "chroma")},
+        sort_keys=True).encode())[:16]
+    assert model_fingerprint(random_model) == unchanged  # models measured before the field keep their fingerprint
+    assert model_fingerprint(grey_model) != model_fingerprint(plain)  # same weights, another change
 
 
 def test_strength_head_scales_each_face_and_travels_with_the_config(tmp_path, random_model):

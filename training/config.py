@@ -1,7 +1,9 @@
 """Training configuration: one YAML file per experiment, validated into frozen dataclasses.
 
-String values may use ``${VAR}`` and ``${VAR:-default}``; ``FEATDEID_ASSETS`` defaults to
-``../shared/assets`` next to the repository. Unknown keys are errors.
+A config may start from another with ``base: other.yaml`` (relative to its folder) and state only what
+differs: mappings merge key by key, lists and scalars replace. String values may use ``${VAR}`` and
+``${VAR:-default}``; ``FEATDEID_ASSETS`` defaults to ``../shared/assets`` next to the repository.
+Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -226,14 +228,40 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return TrainConfig(model=_model_config(data.get("model")), **kwargs)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config; ``overrides`` maps dotted keys (``optim.batch_size``) to values."""
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as plain data, its ``base:`` chain merged in (``base`` is relative to the file's folder)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file not found: {path}" + (f" (base of {_seen[-1]})" if _seen else ""))
+    if path.resolve() in _seen:
+        raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*_seen, path.resolve()))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a training config must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a config file name, got {base!r}")
+    return _merge(read_config(path.parent / base, (*_seen, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (and its ``base:`` chain); ``overrides`` maps dotted keys (``optim.batch_size``) to values."""
+    data = read_config(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -244,7 +272,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain data (for ``config.yaml`` in the run folder)."""
+    """Plain data, the ``base:`` chain merged (``config.json`` in the run folder)."""
     out = dataclasses.asdict(cfg)
     out["model"] = cfg.model.to_dict()
     out["model"].pop("model_type", None)

@@ -26,6 +26,7 @@ import torch
 from featdeid.config import ModelConfig
 from featdeid.model import HidingNetwork
 from featdeid.weights import load_safetensors
+from training.cli import reports_errors
 from training.data import to_tensor
 
 if TYPE_CHECKING:
@@ -95,12 +96,13 @@ def _ours(cfg: TrainConfig) -> str:
 
 def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, recogniser: torch.nn.Module | None = None,
                  data: ExperimentData | None = None, device: torch.device | str = "cpu", half: bool = False,
-                 flip_average: bool | None = None, sharpen: float | None = None) -> Path:
+                 flip_average: bool | None = None, sharpen: float | None = None, chroma: float | None = None) -> Path:
     """Write the model folder from trained weights (a folder saved by ``save_pretrained``, or a training
     checkpoint ``RUN/checkpoints/step_N``); ``half``
     stores the weights as float16 (half the size; they run in float32 after loading); ``flip_average``
     (``None``: as trained) sets the exported model's test-time mirror averaging, ``sharpen`` (``None``:
-    as trained) the unsharp-mask amount applied to its change (``ModelConfig.sharpen``)."""
+    as trained) the unsharp-mask amount applied to its change (``ModelConfig.sharpen``), ``chroma``
+    (``None``: as trained) the scale of the change's colour part (``ModelConfig.chroma``)."""
     from training.experiment import build_data, build_recogniser
 
     weights, output = Path(weights), Path(output)
@@ -125,6 +127,8 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
         config = dataclasses.replace(config, flip_average=flip_average)
     if sharpen is not None:
         config = dataclasses.replace(config, sharpen=sharpen)
+    if chroma is not None:
+        config = dataclasses.replace(config, chroma=chroma)
     model = HidingNetwork(config, identity_bank=bank)
     state = {**net.network_state(), "identity_bank": bank}
     model.load_state_dict(state, strict=True)
@@ -132,8 +136,8 @@ def export_model(weights: str | Path, cfg: TrainConfig, output: str | Path, reco
     return output
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
-    from featdeid.errors import FeatdeidError
     from training.config import load_config
 
     p = argparse.ArgumentParser(description="Export trained weights as a featdeid model folder.")
@@ -145,13 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the exported model averages its change for the face and its mirror image (ModelConfig.flip_average)")
     p.add_argument("--sharpen", type=float, default=None,
                    help="unsharp-mask amount for the exported model's change (ModelConfig.sharpen; default: as the weights were trained)")
+    p.add_argument("--chroma", type=float, default=None,
+                   help="scale of the change's colour part, 0 for a grey change (ModelConfig.chroma; default: as the weights were trained)")
     args = p.parse_args(argv)
-    try:
-        out = export_model(args.weights, load_config(args.config), args.output, half=args.half,
-                           flip_average=True if args.flip_average else None, sharpen=args.sharpen)
-    except FeatdeidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export_model(args.weights, load_config(args.config), args.output, half=args.half,
+                       flip_average=True if args.flip_average else None, sharpen=args.sharpen, chroma=args.chroma)
     print(out)
     return 0
 

@@ -22,9 +22,10 @@ if __package__ in (None, ""):
 
 import torch
 
-from featdeid.errors import ConfigError, FeatdeidError
+from featdeid.errors import ConfigError
 from featdeid.images import atomic_write
 from featdeid.weights import load_safetensors, save_safetensors
+from training.cli import reports_errors
 
 
 def extrapolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -44,6 +45,7 @@ def extrapolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: f
     return out
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="start", required=True, help="checkpoint B (config.json + model.safetensors)")
@@ -51,22 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, required=True, help="W = A + alpha (A - B)")
     p.add_argument("--output", required=True, help="checkpoint folder to write")
     args = p.parse_args(argv)
-    try:
-        start, end, out = Path(args.start), Path(args.end), Path(args.output)
-        for folder in (start, end):
-            if not (folder / "model.safetensors").is_file():
-                raise ConfigError(f"{folder} is not a checkpoint folder (no model.safetensors)")
-        configs = [f / "config.json" for f in (start, end) if (f / "config.json").is_file()]
-        if len(configs) == 2 and json.loads(configs[0].read_text()) != json.loads(configs[1].read_text()):
-            raise ConfigError(f"{start} and {end} are different networks (their config.json differ)")
-        w = extrapolate(load_safetensors(end / "model.safetensors"), load_safetensors(start / "model.safetensors"), args.alpha)
-        save_safetensors(w, out / "model.safetensors", metadata={"format": "pt", "extrapolated": json.dumps(
-            {"from": str(start), "to": str(end), "alpha": args.alpha})})
-        if (end / "config.json").is_file():
-            atomic_write((end / "config.json").read_bytes(), out / "config.json")
-    except FeatdeidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    start, end, out = Path(args.start), Path(args.end), Path(args.output)
+    for folder in (start, end):
+        if not (folder / "model.safetensors").is_file():
+            raise ConfigError(f"{folder} is not a checkpoint folder (no model.safetensors)")
+    configs = [f / "config.json" for f in (start, end) if (f / "config.json").is_file()]
+    if len(configs) == 2 and json.loads(configs[0].read_text()) != json.loads(configs[1].read_text()):
+        raise ConfigError(f"{start} and {end} are different networks (their config.json differ)")
+    w = extrapolate(load_safetensors(end / "model.safetensors"), load_safetensors(start / "model.safetensors"), args.alpha)
+    save_safetensors(w, out / "model.safetensors", metadata={"format": "pt", "extrapolated": json.dumps(
+        {"from": str(start), "to": str(end), "alpha": args.alpha})})
+    if (end / "config.json").is_file():
+        atomic_write((end / "config.json").read_bytes(), out / "config.json")
     print(out)
     return 0
 

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.cli import reports_errors
+
 RELATIVE_STRENGTHS = (0.6, 0.75, 0.9, 1.0, 1.12, 1.27, 1.43, 1.6)
 LAMBDAS = (10.0, 100.0, 300.0, 1000.0, 3000.0)
 
@@ -153,8 +155,9 @@ def plot(rows: list[dict[str, float]], chosen: float, path: Path) -> None:
     plt.close(fig)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
-    from featdeid.errors import ConfigError, FeatdeidError
+    from featdeid.errors import ConfigError
     from featdeid.images import atomic_write
     from featdeid.model import HidingNetwork
     from featdeid.weights import load_safetensors
@@ -186,27 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     if not gammas or not all(0 <= g <= 1 for g in gammas) or args.covers < 50:
         print("error: --gammas must lie in [0, 1] and --covers be at least 50", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config)
-        model = HidingNetwork.from_pretrained(args.model)
-        base = HidingNetwork(dataclasses.replace(model.config, adaptive_strength=0.0), identity_bank=model.identity_bank)
-        base.load_state_dict(model.network_state())
-        base.eval()
-        recogniser = build_recogniser(cfg)
-        fit_cfg = load_config(args.fit_config) if args.fit_config else cfg
-        if fit_cfg.data != cfg.data:
-            raise ConfigError(f"--fit-config {args.fit_config} splits other data than --config {args.config}")
-        fit_recogniser = build_recogniser(fit_cfg) if args.fit_config else recogniser
-        strengths = model.config.default_strength * np.asarray(RELATIVE_STRENGTHS)
-        train_frames, _ = cover_frames(cfg, "train", limit=args.covers, seed=args.seed, progress=True)
-        val_frames, val_keys = cover_frames(cfg, "val", progress=True)
-        train = measure(base, train_frames, fit_recogniser, strengths, seed=args.seed, desc="training covers")
-        val = measure(base, val_frames, recogniser, strengths, seed=args.seed + 1, desc="validation covers")
-        val_fit = val if fit_recogniser is recogniser else measure(base, val_frames, fit_recogniser, strengths,
-                                                                     seed=args.seed + 1, desc="validation covers (fit)")
-    except FeatdeidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    model = HidingNetwork.from_pretrained(args.model)
+    base = HidingNetwork(dataclasses.replace(model.config, adaptive_strength=0.0), identity_bank=model.identity_bank)
+    base.load_state_dict(model.network_state())
+    base.eval()
+    recogniser = build_recogniser(cfg)
+    fit_cfg = load_config(args.fit_config) if args.fit_config else cfg
+    if fit_cfg.data != cfg.data:
+        raise ConfigError(f"--fit-config {args.fit_config} splits other data than --config {args.config}")
+    fit_recogniser = build_recogniser(fit_cfg) if args.fit_config else recogniser
+    strengths = model.config.default_strength * np.asarray(RELATIVE_STRENGTHS)
+    train_frames, _ = cover_frames(cfg, "train", limit=args.covers, seed=args.seed, progress=True)
+    val_frames, val_keys = cover_frames(cfg, "val", progress=True)
+    train = measure(base, train_frames, fit_recogniser, strengths, seed=args.seed, desc="training covers")
+    val = measure(base, val_frames, recogniser, strengths, seed=args.seed + 1, desc="validation covers")
+    val_fit = val if fit_recogniser is recogniser else measure(base, val_frames, fit_recogniser, strengths,
+                                                                 seed=args.seed + 1, desc="validation covers (fit)")
     at_default = RELATIVE_STRENGTHS.index(1.0)
     head = fit_head(train["stats"], train["cos"][:, at_default], seed=args.seed)
     z_val = np.clip(val["stats"] @ head["weight"] + head["bias"], -3, 3)

@@ -35,9 +35,10 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featdeid.errors import ConfigError, FeatdeidError  # noqa: E402
+from featdeid.errors import ConfigError  # noqa: E402
 from featdeid.images import atomic_write  # noqa: E402
 from training.augment import en_view  # noqa: E402
+from training.cli import reports_errors  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import to_tensor  # noqa: E402
 from training.experiment import build_data, build_recogniser  # noqa: E402
@@ -173,6 +174,7 @@ def export_onnx(recogniser: torch.nn.Module, source: str | Path, output: str | P
     return Path(output)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="training config: its recogniser, data split and transfer view")
@@ -187,16 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        cfg = load_config(args.config)
-        if not cfg.recogniser.startswith("onnx:") and not cfg.recogniser.lower().endswith(".onnx"):
-            raise ConfigError(f"robust EN: the config's recogniser must be ONNX, got {cfg.recogniser!r}")
-        if args.init and not Path(args.init).is_file():
-            raise ConfigError(f"robust EN: --init {args.init} does not exist")
-        student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed, init=args.init)
-    except FeatdeidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    if not cfg.recogniser.startswith("onnx:") and not cfg.recogniser.lower().endswith(".onnx"):
+        raise ConfigError(f"robust EN: the config's recogniser must be ONNX, got {cfg.recogniser!r}")
+    if args.init and not Path(args.init).is_file():
+        raise ConfigError(f"robust EN: --init {args.init} does not exist")
+    student, report = distill(cfg, args.eps, args.steps, args.lr, args.batch_size, args.seed, init=args.init)
     out = export_onnx(student, student.source_path, args.output)
     atomic_write((json.dumps(report, indent=2) + "\n").encode(), out.with_suffix(".json"))
     print(json.dumps(report))

@@ -29,7 +29,8 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
-from PIL import Image
+
+from training.cli import reports_errors
 
 DEFAULT_STRENGTHS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5, 1.55, 1.6, 1.7, 1.8, 2.0, 3.0)
 FRAME = 256
@@ -153,8 +154,8 @@ def plot(rows: list[dict[str, float]], chosen: float | None, path: Path, targets
     plt.close(fig)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
-    from featdeid.errors import FeatdeidError
     from featdeid.evaluation.metrics import default_lpips_weights
     from featdeid.images import atomic_write
     from training.config import load_config
@@ -177,15 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.5 <= args.confidence < 1.0:
         print("error: --confidence must be in [0.5, 1)", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config)
-        strengths = sorted(float(x) for x in args.strengths.split(",") if x.strip())
-        lpw = args.lpips_weights or default_lpips_weights()
-        frames, keys = validation_frames(cfg, limit=args.limit)
-        rows = sweep(args.model, frames, keys, build_recogniser(cfg), strengths, lpw)
-    except FeatdeidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    strengths = sorted(float(x) for x in args.strengths.split(",") if x.strip())
+    lpw = args.lpips_weights or default_lpips_weights()
+    frames, keys = validation_frames(cfg, limit=args.limit)
+    rows = sweep(args.model, frames, keys, build_recogniser(cfg), strengths, lpw)
     targets = (args.min_psnr, args.min_ssim, args.max_lpips)
     chosen = choose(rows, *targets, z=NormalDist().inv_cdf(args.confidence))
     out = Path(args.out)

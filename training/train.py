@@ -30,11 +30,12 @@ if __package__ in (None, ""):
 import torch
 from torch.utils.data import DataLoader
 
-from featdeid.errors import ConfigError, FeatdeidError
+from featdeid.errors import ConfigError
 from featdeid.faces.paste import apply_mask
 from featdeid.model import IDENTITY_BANK_KEY, HidingNetwork
 from featdeid.weights import state_sha256
 from training.augment import en_view
+from training.cli import reports_errors
 from training.ghost import GhostSkips
 from training.config import TrainConfig, config_to_dict, load_config
 from training.data import EpochShuffleSampler
@@ -349,6 +350,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (training/configs/*.yaml)")
@@ -358,12 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.batch_size=8")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, _parse_set(args.set))
-        summary = train(cfg, args.output, args.resume, args.max_steps, args.cpu)
-    except FeatdeidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, _parse_set(args.set))
+    summary = train(cfg, args.output, args.resume, args.max_steps, args.cpu)
     print(json.dumps(summary))
     return 0
 

@@ -286,11 +286,13 @@ class FeatdeidMethod(Method):
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 (16 hex) of what decides a hiding network's output: its weights, identity bank and the
     config fields that change the residual (``flip_average``, ``sharpen``...; not ``default_strength``,
-    which a method names itself). ``adaptive_strength`` counts only when on, so models measured before
-    the field existed keep their fingerprint."""
+    which a method names itself). ``adaptive_strength`` and ``chroma`` count only when not at their
+    defaults (0, 1), so models measured before the fields existed keep their fingerprint."""
     config = {k: v for k, v in model.config.to_dict().items() if k != "default_strength"}
     if not config.get("adaptive_strength"):
         config.pop("adaptive_strength", None)
+    if config.get("chroma") == 1:
+        config.pop("chroma")
     return state_sha256(model.state_dict(), salt=json.dumps(config, sort_keys=True).encode())[:16]
 
 

@@ -728,10 +728,10 @@ def test_strength_head_is_fitted_on_training_covers_and_gamma_chosen_on_validati
     assert r.returncode == 2 and "splits other data" in r.stderr and not (tmp_path / "bad").exists()
     _run([*base, "--gammas", "0.2", "--out", str(tmp_path / "fit"), "--write"])
     fitted = HidingNetwork.from_pretrained(model)
-    assert fitted.config.adaptive_strength == 0.2 and fitted.config.default_strength == 0.98
+    plain = HidingNetwork.from_pretrained(REPO / "featdeid" / "default_model")
+    assert fitted.config.adaptive_strength == 0.2 and fitted.config.default_strength == plain.config.default_strength
     state = load_safetensors(model / "model.safetensors")
     assert state["strength_head.linear.weight"].shape == (1, 256) and state["head.weight"].dtype == torch.float16
-    plain = HidingNetwork.from_pretrained(REPO / "featdeid" / "default_model")
     torch.manual_seed(0)
     c = torch.linspace(0.2, 1.0, 6)[:, None, None, None] * torch.rand(6, 3, 128, 128)  # inputs that differ in kind
     e = plain.identity_bank[:6]

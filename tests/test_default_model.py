@@ -161,10 +161,10 @@ def test_offline_cli_changes_identity_of_every_face_of_a_group_photo(tmp_path: P
     """``featdeid photo.jpg -o out/`` with no network: every face found is changed, and both black-box
     recognisers (never used in training) see every face move away from the original identity.
 
-    Measured on the 22 faces of the five bbt40 group photos when this model was shipped: dlib
-    cos(original, output) 0.867-0.955 per face, mean 0.911 (its LFW threshold is 0.905: 9 faces below),
-    MobileFaceNet 0.181-0.590, mean 0.400 (threshold 0.277: 5 faces below); an unchanged face gives 1.0.
-    The bounds below guard that level; they are not the 90 % ASR target.
+    Measured on the 22 faces of the five bbt40 group photos when this model was shipped (session 20):
+    dlib cos(original, output) 0.849-0.913 per face, mean 0.878 (its LFW threshold is 0.905: 17 faces
+    below), MobileFaceNet 0.059-0.472, mean 0.265 (threshold 0.277: 11 faces below); an unchanged face
+    gives 1.0. The bounds below guard that level; they are not the 90 % ASR target.
     """
     from featdeid.faces.detect import get_detector
     from featdeid.recognisers import load_recogniser
@@ -182,7 +182,7 @@ def test_offline_cli_changes_identity_of_every_face_of_a_group_photo(tmp_path: P
     original = np.asarray(Image.open(photo).convert("RGB"))
     result = np.asarray(Image.open(out / photo.name).convert("RGB"))
     landmarks = np.stack([f.landmarks for f in get_detector("dlib").detect(original)])
-    for spec, worst, mean in (("dlib", 0.97, 0.94), (f"mobilefacenet:{mfn}", 0.7, 0.55)):
+    for spec, worst, mean in (("dlib", 0.95, 0.92), (f"mobilefacenet:{mfn}", 0.65, 0.45)):
         rec = load_recogniser(spec)
         cos = (_faces(original, landmarks, rec) * _faces(result, landmarks, rec)).sum(1)
         assert (cos < worst).all() and cos.mean() < mean, (spec, cos.tolist())

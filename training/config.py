@@ -243,8 +243,9 @@ def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}" + (f" (base of {_seen[-1]})" if _seen else ""))
-    if path.resolve() in _seen:
-        raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*_seen, path.resolve()))}")
+    chain = (*_seen, path.resolve())
+    if chain[-1] in _seen:
+        raise ConfigError(f"config base cycle: {' -> '.join(map(str, chain))}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -256,7 +257,7 @@ def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base must be a config file name, got {base!r}")
-    return _merge(read_config(path.parent / base, (*_seen, path.resolve())), data)
+    return _merge(read_config(path.parent / base, chain), data)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

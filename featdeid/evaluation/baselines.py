@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ModelConfig
 from ..errors import ConfigError
 from ..faces.paste import apply_mask, face_mask
 from ..weights import state_sha256
@@ -283,16 +284,18 @@ class FeatdeidMethod(Method):
         }
 
 
+# ModelConfig fields added after the first measured models
+LATER_FIELDS = ("adaptive_strength", "chroma")
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 (16 hex) of what decides a hiding network's output: its weights, identity bank and the
     config fields that change the residual (``flip_average``, ``sharpen``...; not ``default_strength``,
-    which a method names itself). ``adaptive_strength`` and ``chroma`` count only when not at their
-    defaults (0, 1), so models measured before the fields existed keep their fingerprint."""
-    config = {k: v for k, v in model.config.to_dict().items() if k != "default_strength"}
-    if not config.get("adaptive_strength"):
-        config.pop("adaptive_strength", None)
-    if config.get("chroma") == 1:
-        config.pop("chroma")
+    which a method names itself). Fields added after models were measured (:data:`LATER_FIELDS`) count
+    only when not at their defaults, so those models keep their fingerprint."""
+    defaults = ModelConfig().to_dict()
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k != "default_strength" and not (k in LATER_FIELDS and v == defaults[k])}
     return state_sha256(model.state_dict(), salt=json.dumps(config, sort_keys=True).encode())[:16]
 
 

@@ -2,9 +2,10 @@
 
     featdeid bench [--configs small,paper] [--batch-sizes 1,8,32] [--photos IMG ...] [--json OUT]
     featdeid bench --faces 32 [--adv 8x50] [--assets DIR]      # datasets.map and adversarial baseline
+    featdeid bench detect [--set test|validation] ...           # face-detection recall (featdeid.bench_detect)
 
 Random weights are fine for timing the network; full-photo timing uses ``--model`` (default: the
-shipped model, else a random small model) and the dlib detector.
+shipped model, else a random small model) and the default detector.
 
 ``--faces N`` takes N LFW images from the assets and times (1) ``datasets.Dataset.map(batched=True)``
 through ``featdeid.transform_for("image", ...)`` (detect, align, hide, paste back), (2) the hiding
@@ -69,12 +70,12 @@ def bench_network(config: ModelConfig | HidingNetwork, batch: int, precision: st
 
 
 def bench_photos(photos: list[Path], model: Any, min_time: float) -> list[dict[str, Any]]:
-    """Seconds per full photo (detect, align, hide, paste) with the dlib detector."""
+    """Seconds per full photo (detect, align, hide, paste) with the default detector."""
     from PIL import Image
 
     from .pipeline import Deidentifier
 
-    runner = Deidentifier(model, detector="dlib")
+    runner = Deidentifier(model)
     rows = []
     for p in photos:
         img = Image.open(p)
@@ -114,7 +115,7 @@ def bench_faces(paths: list[Path], model: Any, adv: str, adv_target: str, map_ba
         import datasets
     except ImportError:
         datasets = None
-    runner = Deidentifier(model, detector="dlib")
+    runner = Deidentifier(model)
     if datasets is not None:
         ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
         fn = transform_for("image", model=runner, seed=0)
@@ -125,7 +126,7 @@ def bench_faces(paths: list[Path], model: Any, adv: str, adv_target: str, map_ba
         out["datasets_map"] = {"images_per_s": round(len(ds) / sec, 2), "s": round(sec, 2), "batch_size": map_batch, "faces_changed": int(sum(mapped["num_faces"]))}
     else:
         out["datasets_map"] = {"skipped": "the 'datasets' package is not installed"}
-    frames = torch.cat([f for f in (align(im, model.image_size, "dlib", largest=True)[0] for im in images) if len(f)])
+    frames = torch.cat([f for f in (align(im, model.image_size, largest=True)[0] for im in images) if len(f)])
     out["aligned"] = int(len(frames))
     feats = model.identity_bank[torch.arange(len(frames)) % model.identity_bank.shape[0]].float()
     sec = _timed(lambda: runner.hide(frames, feats), min_time)
@@ -163,6 +164,10 @@ def _default_model() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "detect":
+        from .bench_detect import main as detect_main
+
+        return detect_main(argv[1:])
     p = argparse.ArgumentParser(prog="featdeid bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="small,paper", help="comma list of: small, paper (random weights), shipped (the default model's weights)")
     p.add_argument("--batch-sizes", default="1,8,32")

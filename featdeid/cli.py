@@ -113,7 +113,7 @@ def _process_frames(runner: Any, img: Any, src: Path, dst: Path, fmt: str, kw: d
         raise OutputError(f"cannot encode {len(frames)} frames as {fmt}: {e}") from e
     images.atomic_write(buf.getvalue(), dst)
     return {"faces": sum(len(r.faces) for r in reports), "changed": sum(r.changed for r in reports),
-            "skipped": sum(r.skipped for r in reports), "frames": len(frames)}
+            "skipped": sum(r.skipped for r in reports), "low_confidence": sum(r.low_confidence for r in reports), "frames": len(frames)}
 
 
 def _plan(jobs: list[tuple[Path, Path]], out_dir: Path, fmt: str | None) -> list[tuple[Path, Path, str | None]]:
@@ -168,7 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     from .pipeline import Deidentifier
 
     try:
-        runner = Deidentifier(args.model, detector=args.detector, min_face_size=args.min_face_size, precision=args.precision)
+        runner = Deidentifier(args.model, detector=args.detector, min_face_size=args.min_face_size, precision=args.precision,
+                              min_score=args.min_score, thorough=args.thorough)
         get_detector(args.detector)  # fail now, not once per file
         out_dir.mkdir(parents=True, exist_ok=True)
     except FeatdeidError as e:
@@ -228,6 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         "not_done": len(plan) - len(records),
         "faces_changed": sum(r.get("changed", 0) for r in records),
         "faces_skipped": sum(r.get("skipped", 0) for r in records),
+        "faces_low_confidence": sum(r.get("low_confidence", 0) for r in records),
         "interrupted": interrupted,
     }
     code = 130 if interrupted else EXIT_FAILED if failed else EXIT_OK
@@ -252,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None, help="0 = unchanged, 1 = model output (default: model's)")
     p.add_argument("--seed", type=int, default=None, help="fake-identity seed (default: derived from each photo)")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: the shipped model)")
-    p.add_argument("--detector", default="auto", choices=["auto", "dlib", "insightface"])
+    p.add_argument("--detector", default="auto", choices=["auto", "centerface", "dlib", "insightface"],
+                   help="auto: insightface where its models are on disk, else the packaged CenterFace (offline)")
+    p.add_argument("--thorough", action="store_true", help="search hard photos harder (mirrored, upscaled, rotated passes; slower)")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="leave detections scoring below this unchanged (default: de-identify all, flag low-confidence ones)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: faster on CPUs with bf16 support")
     p.add_argument("--min-face-size", type=int, default=20, help="skip (and report) faces smaller than this, px")
     p.add_argument("--format", choices=["png", "jpg", "jpeg", "webp", "tiff", "tif"], help="output format (default: keep)")

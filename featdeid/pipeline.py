@@ -20,21 +20,24 @@ from . import identity as ident
 from . import images
 from .errors import ConfigError, InvalidImageError
 from .faces.align import extract_faces, find_faces
-from .faces.detect import Detector, Face
+from .faces.detect import Detector, Face, get_detector
 from .faces.paste import paste
 from .model import HidingNetwork
 
 
 @dataclasses.dataclass
 class FaceResult:
-    """What happened to one face."""
+    """What happened to one face; ``low_confidence``: the detector's score is below its confident level
+    (the face is still de-identified unless it is below ``min_score``)."""
 
     face: Face
-    status: str  # "changed", "too_small", "unchanged" (strength 0)
+    status: str  # "changed", "too_small", "below_min_score", "unchanged" (strength 0)
     identity: int = -1  # bank index, -1 for a user-given feature or a skipped face
+    low_confidence: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.face.to_dict(), "size": round(self.face.size, 1), "status": self.status, "identity": self.identity}
+        return {**self.face.to_dict(), "size": round(self.face.size, 1), "status": self.status, "identity": self.identity,
+                "low_confidence": self.low_confidence}
 
 
 @dataclasses.dataclass
@@ -50,10 +53,16 @@ class Report:
 
     @property
     def skipped(self) -> int:
-        return sum(f.status == "too_small" for f in self.faces)
+        """Faces left unchanged because they are too small or below ``min_score``."""
+        return sum(f.status in ("too_small", "below_min_score") for f in self.faces)
+
+    @property
+    def low_confidence(self) -> int:
+        return sum(f.low_confidence for f in self.faces)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"faces": len(self.faces), "changed": self.changed, "skipped": self.skipped, "seed": self.seed, "details": [f.to_dict() for f in self.faces]}
+        return {"faces": len(self.faces), "changed": self.changed, "skipped": self.skipped, "low_confidence": self.low_confidence,
+                "seed": self.seed, "details": [f.to_dict() for f in self.faces]}
 
 
 class Deidentifier:
@@ -62,9 +71,14 @@ class Deidentifier:
     Args:
         model: a :class:`HidingNetwork` (set to eval mode and channels_last in place), a model folder /
             Hub repo id, or None for the default model.
-        detector: ``"auto"``, ``"dlib"``, ``"insightface"`` or an object with ``.detect(rgb)``.
+        detector: ``"auto"`` (insightface's SCRFD where its models are on disk, else the packaged CenterFace),
+            ``"centerface"``, ``"dlib"``, ``"insightface"`` or an object with ``.detect(rgb)``.
         min_face_size: faces smaller than this (pixels, larger box side) are skipped and reported.
-        detect_max_side: detection runs on a copy downscaled to this longer side.
+        min_score: detections scoring below this are left unchanged and reported (default: every
+            detection is de-identified; those below the detector's confident level are flagged).
+        thorough: search hard photos harder (mirrored, upscaled and rotated passes; several times slower).
+        detect_max_side: detection runs on a copy downscaled to this longer side (larger photos are
+            also searched in tiles).
         batch_size: faces per network call.
         precision: ``"fp32"`` or ``"bf16"`` (autocast; about 2-3x faster on CPUs with bf16 support,
             changed pixels differ from fp32 by about 2 grey levels on average).
@@ -79,6 +93,8 @@ class Deidentifier:
         batch_size: int = 16,
         precision: str = "fp32",
         device: str | torch.device = "cpu",
+        min_score: float | None = None,
+        thorough: bool = False,
     ) -> None:
         if not isinstance(model, HidingNetwork):
             from .loading import load
@@ -88,6 +104,10 @@ class Deidentifier:
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if min_face_size < 1 or detect_max_side < 64 or batch_size < 1:
             raise ConfigError("min_face_size >= 1, detect_max_side >= 64 and batch_size >= 1 are required")
+        if min_score is not None and not (isinstance(min_score, (int, float)) and np.isfinite(min_score)):
+            raise ConfigError(f"min_score must be a number or None, got {min_score!r}")
+        self.min_score = None if min_score is None else float(min_score)
+        self.thorough = bool(thorough)
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.detector = detector
         self.min_face_size = min_face_size
@@ -112,6 +132,13 @@ class Deidentifier:
                 e = features[i : i + self.batch_size].to(self.device)
                 out.append((self.model(c, e).float() - c.float()).cpu())
         return torch.cat(out) if out else covers.new_zeros((0, *covers.shape[1:]))
+
+    def _status(self, face: Face) -> str:
+        if face.size < self.min_face_size:
+            return "too_small"
+        if self.min_score is not None and face.score < self.min_score:
+            return "below_min_score"
+        return "changed"
 
     def _features(self, identity: Any, n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
         bank = self.model.identity_bank
@@ -157,8 +184,9 @@ class Deidentifier:
         elif not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         seed = int(seed)
-        found = find_faces(rgb, self.detector, faces, self.detect_max_side)
-        results = [FaceResult(f, "too_small" if f.size < self.min_face_size else "changed") for f in found]
+        found = find_faces(rgb, self.detector, faces, self.detect_max_side, self.thorough)
+        confident = float(getattr(get_detector(self.detector), "confident", 0.5)) if faces is None else -np.inf
+        results = [FaceResult(f, self._status(f), low_confidence=f.score < confident) for f in found]
         todo = [r for r in results if r.status == "changed"]
         if not todo:
             return None, Report(results, int(seed))
@@ -245,6 +273,8 @@ def deidentify(
     keep_metadata: bool = False,
     return_report: bool = False,
     min_face_size: int = 20,
+    min_score: float | None = None,
+    thorough: bool = False,
 ) -> Any:
     """De-identify every face in ``image``; returns the same type, size and mode.
 
@@ -255,12 +285,14 @@ def deidentify(
         strength: 0 = unchanged, 1 = the model's output, > 1 allowed; default from the model config.
         seed: picks fake identities; None derives it from the pixels (same photo, same result).
         model: a :class:`HidingNetwork`, folder, Hub repo id or a :class:`Deidentifier`; None = default.
-        detector: ``"auto"``, ``"dlib"``, ``"insightface"`` or a detector object.
+        detector: ``"auto"``, ``"centerface"``, ``"dlib"``, ``"insightface"`` or a detector object.
         identity: your own fake identity feature ``(D,)`` (all faces) or ``(N, D)`` (one per face).
         faces: known faces (list of :class:`Face`, ``(N, 5, 2)`` landmarks, or dicts with box/landmarks);
             skips detection.
         keep_metadata: keep EXIF/XMP etc. on PIL outputs (default: only colour profile and orientation).
-        return_report: also return a :class:`Report` (faces found, changed, skipped).
+        return_report: also return a :class:`Report` (faces found, changed, skipped; per-face scores and
+            low-confidence flags).
+        min_face_size, min_score, thorough: see :class:`Deidentifier`.
     """
-    runner = get_deidentifier(model, detector, min_face_size=min_face_size)
+    runner = get_deidentifier(model, detector, min_face_size=min_face_size, min_score=min_score, thorough=thorough)
     return runner(image, strength, seed, identity=identity, faces=faces, keep_metadata=keep_metadata, return_report=return_report)

@@ -172,7 +172,8 @@ class SpaceBackend:
         rows, details = [], []
         for i, (fr, sc) in enumerate(zip(report.faces, scores), 1):
             meaning = _meaning(fr.status, sc)
-            rows.append([i, fr.status.replace("_", " "), round(fr.face.size), None if sc is None else round(sc[0], 3),
+            status = fr.status.replace("_", " ") + (" (low confidence)" if fr.low_confidence else "")
+            rows.append([i, status, round(fr.face.size), round(fr.face.score, 2), None if sc is None else round(sc[0], 3),
                          None if sc is None else round(sc[1], 3), meaning])
             details.append({**fr.to_dict(), "cosine_dlib": None if sc is None else round(sc[0], 4),
                             "distance_dlib": None if sc is None else round(sc[1], 4), "meaning": meaning})
@@ -244,7 +245,8 @@ def _summary(report: Any, scores: list[Any], seconds: float, rec_error: str | No
 
 
 def _draw_boxes(img: Image.Image, report: Any) -> Image.Image:
-    """The photo (at most 1600 px) with a numbered box per face: green changed, red left unchanged."""
+    """The photo (at most 1600 px) with a box per face labelled with its number and detector score: green
+    changed, amber changed but low-confidence (perhaps not a face), red left unchanged."""
     prev = img.convert("RGB")
     scale = min(1.0, 1600 / max(prev.size))
     if scale < 1:
@@ -257,15 +259,16 @@ def _draw_boxes(img: Image.Image, report: Any) -> Image.Image:
         font = ImageFont.load_default()
     for i, fr in enumerate(report.faces, 1):
         x0, y0, x1, y1 = (float(v) * scale for v in fr.face.box)
-        colour = (40, 200, 80) if fr.status == "changed" else (230, 40, 40)
+        colour = ((230, 160, 20) if fr.low_confidence else (40, 200, 80)) if fr.status == "changed" else (230, 40, 40)
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), str(i), font=font)
+        label = f"{i} · {fr.face.score:.2f}"
+        tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), label, font=font)
         tw, th = tx1 - tx0 + 2 * width, ty1 - ty0 + 2 * width
         # above the box; below it for faces at the top edge (the component's label covers that strip)
         lx = max(0.0, x0)
         ly = y0 - th if y0 - th >= 2 * th else (y1 if y1 + th <= prev.height else max(0.0, y0))
         draw.rectangle([lx, ly, lx + tw, ly + th], fill=colour)
-        draw.text((lx + width - tx0, ly + width - ty0), str(i), fill=(255, 255, 255), font=font)
+        draw.text((lx + width - tx0, ly + width - ty0), label, fill=(255, 255, 255), font=font)
     return prev
 
 
@@ -331,11 +334,11 @@ def build_app(backend: SpaceBackend) -> Any:
                 message = gr.Markdown(EMPTY_STATE, elem_id="message")
                 download = gr.DownloadButton("Download PNG", visible=False, elem_id="download")
         with gr.Row():
-            preview = gr.Image(label="Detected faces (green: changed; red: too small)",
+            preview = gr.Image(label="Detected faces with detector scores (green: changed; amber: changed, low confidence; red: left unchanged)",
                                format="png", interactive=False, elem_id="preview")
             result = gr.Image(label="De-identified photo (PNG)", type="filepath", format="png", interactive=False,
                               elem_id="result")
-        table = gr.Dataframe(headers=["face", "status", "size px", "similarity (dlib cosine)", "dlib distance", "meaning"],
+        table = gr.Dataframe(headers=["face", "status", "size px", "detector score", "similarity (dlib cosine)", "dlib distance", "meaning"],
                              label="Protection per face (original vs de-identified under dlib's recogniser; "
                                    f"dlib matches at distance ≤ {DLIB_MATCH_DISTANCE})",
                              interactive=False, wrap=True, elem_id="scores")

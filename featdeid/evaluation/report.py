@@ -74,10 +74,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s.get('onen_sets')} sets; frames {s.get('frame_size')}×{s.get('frame_size')}."
     )
     fb = s.get("fallback_alignment")
+    detector = results.get("config", {}).get("detector", "dlib")
     if fb is not None:
-        lines.append(f"dlib found no face in {fb['count']} images; they use the fixed fallback landmarks {fb['landmarks_150px']} ({fb['rule']}).")
+        lines.append(f"{detector} found no face in {fb['count']} images; they use the fixed fallback landmarks {fb['landmarks_150px']} ({fb['rule']}).")
     elif s.get("mode") == "photos":
-        lines.append(f"dlib found the subject in {s.get('detected')} original photos; {s.get('not_detected')} photos without a detected face are left out.")
+        lines.append(f"{detector} found the subject in {s.get('detected')} original photos; {s.get('not_detected')} photos without a detected face are left out.")
     pr = results.get("protocol")
     if pr:
         lines.append(

@@ -53,6 +53,7 @@ class EvalConfig:
     set: str = "lfw"
     model: str | None = None
     evaluators: list[str] = dataclasses.field(default_factory=lambda: ["dlib"])
+    detector: str = "centerface"  # finds and aligns faces in originals and outputs, and in featdeid's pipeline
     whitebox: list[str] = dataclasses.field(default_factory=list)
     methods: list[str] = dataclasses.field(default_factory=lambda: ["featdeid@1"])
     sweep: list[float] = dataclasses.field(default_factory=list)
@@ -158,11 +159,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def redetect_frame(rgb: np.ndarray, box: np.ndarray, size: int) -> np.ndarray | None:
+def redetect_frame(rgb: np.ndarray, box: np.ndarray, size: int, detector: str = "centerface") -> np.ndarray | None:
     """uint8 frame ``(3, S, S)`` of the face in ``rgb`` that overlaps ``box`` most (IoU >= 0.3), else None."""
     from ..faces.align import extract_faces, find_faces
 
-    faces = find_faces(rgb, "dlib")
+    faces = find_faces(rgb, detector)
     best = max(faces, key=lambda f: _iou(f.box, box), default=None)
     if best is None or _iou(best.box, box) < 0.3:
         return None
@@ -179,13 +180,13 @@ def frame_at(rgb: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
     return _u8(fr[0]).numpy()
 
 
-def generic_photo(method: Method, rgb: np.ndarray, key: str, size: int, min_face_size: int = 20) -> np.ndarray:
+def generic_photo(method: Method, rgb: np.ndarray, key: str, size: int, min_face_size: int = 20, detector: str = "centerface") -> np.ndarray:
     """A frame method on a whole photo: detect every face, apply on frames, paste the change back."""
     from ..faces.align import extract_faces, find_faces
     from ..faces.paste import paste
 
     out = rgb.copy()
-    faces = [f for f in find_faces(rgb, "dlib") if f.size >= min_face_size]
+    faces = [f for f in find_faces(rgb, detector) if f.size >= min_face_size]
     if not faces:
         return out
     covers, mats = extract_faces(rgb, faces, size)
@@ -220,7 +221,7 @@ class Run:
         if self._deid is None:
             from ..pipeline import Deidentifier
 
-            self._deid = Deidentifier(self.cfg.model, detector="dlib", batch_size=self.cfg.batch_size)
+            self._deid = Deidentifier(self.cfg.model, detector=self.cfg.detector, batch_size=self.cfg.batch_size)
         return self._deid
 
     def adv_recogniser(self) -> Any:
@@ -306,7 +307,7 @@ class Run:
             ds = load_set(cfg.set, Path(cfg.assets), cfg.limit, cfg.seed, cfg.persons)
         self.ds = ds
         with self.timer("align"):
-            align_info = prepare(ds, cfg.frame_size, self.cache_dir, cfg.progress)
+            align_info = prepare(ds, cfg.frame_size, self.cache_dir, cfg.progress, cfg.detector)
         if ds.mode == "photos":
             celeba_pairs(ds, cfg.seed)
         ds.notes.append(f"alignment: {align_info}")
@@ -454,7 +455,7 @@ class Run:
             if ds.mode == "photos":
                 frames, rows = [], []
                 for j, i in enumerate(a_idx):
-                    fr = redetect_frame(_attack_photo(att, _read(ds, int(i))), np.asarray(ds.boxes[i]), cfg.frame_size)
+                    fr = redetect_frame(_attack_photo(att, _read(ds, int(i))), np.asarray(ds.boxes[i]), cfg.frame_size, cfg.detector)
                     if fr is not None:
                         frames.append(fr)
                         rows.append(j)
@@ -679,7 +680,7 @@ class Run:
                 else:
                     ctx = contextlib.nullcontext() if m.needs_grad else torch.no_grad()
                     with ctx:
-                        out = generic_photo(m, rgb, ds.keys[i], size)
+                        out = generic_photo(m, rgb, ds.keys[i], size, detector=self.cfg.detector)
             c8 = torch.from_numpy(np.array(ds.frames[i]))[None]
             d8 = torch.from_numpy(frame_at(out, ds.landmarks[i], size))[None]
             self._quality(c8, d8, acc, timer)
@@ -688,7 +689,7 @@ class Run:
                 ex[1].append(c8[0].numpy())
                 ex[2].append(d8[0].numpy())
             with timer("redetect"):
-                fr = redetect_frame(out, np.asarray(ds.boxes[i]), size)
+                fr = redetect_frame(out, np.asarray(ds.boxes[i]), size, self.cfg.detector)
             if fr is None:
                 lost += 1
             else:
@@ -699,7 +700,7 @@ class Run:
                     with timer("attacks"):
                         attacked = _attack_photo(att, out)
                     with timer("redetect"):
-                        fa = redetect_frame(attacked, np.asarray(ds.boxes[i]), size)
+                        fa = redetect_frame(attacked, np.asarray(ds.boxes[i]), size, self.cfg.detector)
                     if fa is not None:
                         att_frames[name].append(fa)
                         att_rows[name].append(a_pos[i])
@@ -715,7 +716,7 @@ class Run:
                     if att_frames[name]:
                         e[att_rows[name]] = ev.embed(np.stack(att_frames[name]))
                     att_emb[ev.name][name] = e
-        extra = {"not_redetected": lost, "not_redetected_rule": "a de-identified face that dlib no longer finds counts as protected (never matched)"}
+        extra = {"not_redetected": lost, "not_redetected_rule": f"a de-identified face that {self.cfg.detector} no longer finds counts as protected (never matched)"}
         return d_emb, att_emb if self.attacks else {}, self._quality_summary(acc), (ex[0], np.asarray(ex[1], np.uint8), np.asarray(ex[2], np.uint8)), extra
 
 

@@ -157,7 +157,7 @@ def landmarks_in_box(det: Detector, rgb: np.ndarray, box: np.ndarray) -> np.ndar
     detection best overlapping ``box`` on a crop around it (None if the detector finds no face there)."""
     if hasattr(det, "landmarks"):
         return det.landmarks(rgb, box)
-    from .passes import merge
+    from .passes import merge, onet_refined
 
     h, w = rgb.shape[:2]
     pad = 0.5 * max(box[2] - box[0], box[3] - box[1])
@@ -173,8 +173,10 @@ def landmarks_in_box(det: Detector, rgb: np.ndarray, box: np.ndarray) -> np.ndar
         ih = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
         iou = iw * ih / ((b[2] - b[0]) * (b[3] - b[1]) + (box[2] - box[0]) * (box[3] - box[1]) - iw * ih)
         if iou > best_iou:
-            best, best_iou = f.landmarks + off, iou
-    return best
+            best, best_iou = Face(b, f.landmarks + off, f.score), iou
+    if best is not None and getattr(det, "refine_landmarks", False):
+        best = onet_refined(rgb, best)
+    return None if best is None else best.landmarks
 
 
 def faces_from_user(faces: Any, rgb: np.ndarray | None = None, landmarker: str | Detector = "auto") -> list[Face]:

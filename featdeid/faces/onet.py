@@ -111,6 +111,19 @@ def _crops(img: torch.Tensor, squares: np.ndarray) -> torch.Tensor:
     return torch.cat(out)
 
 
+def onet_face_probability(rgb: np.ndarray, boxes: np.ndarray, net: ONet | None = None) -> np.ndarray:
+    """ONet's probability that each box of an ``(H, W, 3)`` uint8 RGB array holds an upright face, ``(N,)``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return np.zeros(0)
+    net = _default_net() if net is None else net
+    param = next(net.parameters())
+    img = torch.tensor(rgb).permute(2, 0, 1).float()
+    with torch.inference_mode():
+        x = (_crops(img, rerec(boxes)) - 127.5) * 0.0078125
+        return net(x.to(param.device, param.dtype))[2][:, 1].double().cpu().numpy()
+
+
 def onet_landmarks(rgb: np.ndarray, boxes: np.ndarray, net: ONet | None = None) -> np.ndarray:
     """ONet's 5 landmarks for each face box of an ``(H, W, 3)`` uint8 RGB array.
 

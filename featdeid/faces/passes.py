@@ -1,5 +1,5 @@
 """How a photo is searched for faces: downscaled and tiled passes, test-time passes, merging by NMS,
-and landmarks of tilted faces re-estimated on an upright crop.
+a second opinion on weak detections, and landmarks re-estimated on upright crops.
 
 Every pass runs the same detector on a transformed copy of the photo and maps its faces back to the
 photo's pixel coordinates; :func:`merge` keeps one face per location.
@@ -18,6 +18,8 @@ THOROUGH_ANGLES = (-90.0, -45.0, 45.0, 90.0)  # degrees; rotated copies searched
 UPSCALE = 2.0  # thorough mode also searches a copy this much larger (tiled), for small faces
 TILE_SCALE = 0.6  # photos that must shrink more than this are also searched in tiles at this scale
 TILT_REFINE = 20.0  # degrees of roll above which landmarks are re-estimated on an upright crop
+VERIFY_BELOW = 0.5  # detections scoring below this are checked by MTCNN's ONet on an upright crop
+VERIFY_MIN_PROB = 0.5  # ... and kept when ONet's face probability reaches this
 
 
 def merge(faces: list[Face], iou: float = 0.3, contain: float = 0.6) -> list[Face]:
@@ -150,25 +152,68 @@ def upright_landmarks(det: Detector, rgb: np.ndarray, face: Face) -> Face:
     return Face(face.box, lm, max(face.score, best.score))
 
 
+def upright_crop(rgb: np.ndarray, face: Face, side: int = 96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ``side`` x ``side`` crop, twice the face's size, rotated so that the face is upright; the face's
+    box in it; and the 2x3 matrix from its pixels to ``rgb``'s."""
+    centre = (face.box[:2] + face.box[2:]) / 2
+    work, m = rotated(rgb, roll(face), (float(centre[0]), float(centre[1])), (side, side), 2 * max(face.size, 4.0) / side)
+    return work, np.array([[side / 4, side / 4, 3 * side / 4, 3 * side / 4]]), m
+
+
+
+def onet_refined(rgb: np.ndarray, face: Face) -> Face:
+    """``face`` with the 5 landmarks of MTCNN's ONet, estimated on an upright crop of its box and mapped back."""
+    from .onet import onet_landmarks
+
+    work, box, m = upright_crop(rgb, face)
+    return Face(face.box, onet_landmarks(work, box)[0] @ m[:, :2].T + m[:, 2], face.score)
+
+
+def verified(rgb: np.ndarray, faces: list[Face]) -> list[Face]:
+    """``faces`` without the low-scoring ones that MTCNN's ONet, shown each upright, does not take for a face."""
+    if VERIFY_MIN_PROB <= 0:
+        return faces
+    from .onet import onet_face_probability
+
+    out = []
+    for f in faces:
+        if f.score >= VERIFY_BELOW or onet_face_probability(*upright_crop(rgb, f)[:2])[0] >= VERIFY_MIN_PROB:
+            out.append(f)
+    return out
+
+
 def search(det: Detector, rgb: np.ndarray, max_side: int, thorough: bool = False) -> list[Face]:
     """All faces of ``rgb``, merged by :func:`merge`.
 
     A pass over the whole photo downscaled to ``max_side``; when that shrinks it by more than
     :data:`TILE_SCALE` (a 20 px face would fall below the ~12 px the detector sees), also overlapping
     ``max_side`` tiles of the photo at :data:`TILE_SCALE`. ``thorough`` adds mirrored, upscaled (tiled)
-    and rotated copies of the downscaled photo.
+    and rotated copies of the downscaled photo. Detections scoring below :data:`VERIFY_BELOW` are kept
+    only if MTCNN's ONet, shown them upright, agrees they are faces; tilted faces are re-detected on an
+    upright crop; detectors with ``refine_landmarks`` (CenterFace) take ONet's landmarks.
     """
     h, w = rgb.shape[:2]
     factor = min(1.0, max_side / max(h, w))
     faces = scaled_pass(det, rgb, factor, max_side)
     if factor < TILE_SCALE:
         faces += scaled_pass(det, rgb, TILE_SCALE, max_side)
+    tilted: set[int] = set()  # faces found on a rotated copy: their landmarks are re-estimated upright
     if thorough:
         small = rgb if factor == 1 else resized(rgb, factor)
         back = np.array([[1 / factor, 0, 0], [0, 1 / factor, 0]])
         extra = mirrored_pass(det, small) + scaled_pass(det, small, UPSCALE, max_side)
         for angle in THOROUGH_ANGLES:
-            extra += rotated_pass(det, small, angle)
-        faces += [_mapped(f, back) for f in extra] if factor < 1 else extra
-    faces = merge(faces)
-    return [upright_landmarks(det, rgb, f) if abs(roll(f)) > TILT_REFINE else f for f in faces]
+            found = rotated_pass(det, small, angle)
+            tilted.update(id(f) for f in found)
+            extra += found
+        if factor < 1:
+            mapped = [_mapped(f, back) for f in extra]
+            tilted = {id(m) for f, m in zip(extra, mapped) if id(f) in tilted}
+            extra = mapped
+        faces += extra
+        bar = getattr(det, "thorough_threshold", None)
+        if bar is not None:
+            faces = [f for f in faces if f.score >= bar]
+    faces = verified(rgb, merge(faces))
+    faces = [upright_landmarks(det, rgb, f) if id(f) in tilted or abs(roll(f)) > TILT_REFINE else f for f in faces]
+    return [onet_refined(rgb, f) for f in faces] if getattr(det, "refine_landmarks", False) else faces

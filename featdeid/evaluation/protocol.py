@@ -363,7 +363,10 @@ def prepare(ds: FaceSet, frame_size: int, cache_dir: Path, progress: bool = True
     cache = LandmarkCache(cache_dir)
     rule = "centre" if ds.mode == "frames" else "largest"
     if detector != "dlib":  # dlib's entries keep their original keys
-        rule = f"{rule}@{detector}"
+        from ..faces.detect import get_detector
+
+        version = getattr(get_detector(detector), "version", None)  # a changed search must not reuse old entries
+        rule = f"{rule}@{detector}" + (f":{version}" if version else "")
     shas = [_sha_bytes(ds.path(i)) for i in range(len(ds.keys))]
     lms = np.zeros((len(ds.keys), 5, 2))
     det = np.zeros(len(ds.keys), dtype=bool)
@@ -371,7 +374,7 @@ def prepare(ds: FaceSet, frame_size: int, cache_dir: Path, progress: bool = True
     todo = [i for i, s in enumerate(shas) if cache.get(s, rule) is None]
     for n, i in enumerate(tqdm(todo, desc=f"aligning {ds.name} ({detector})", unit="img", disable=not progress, mininterval=2.0)):
         rgb = _read_rgb(ds.path(i))
-        face = pick_face(find_faces(rgb, detector), rgb.shape[:2], rule.split("@")[0])
+        face = pick_face(find_faces(rgb, detector), rgb.shape[:2], rule.split("@")[0])  # "centre" / "largest"
         entry = {"detected": face is not None, "faces": 0 if face is None else 1}
         if face is not None:
             entry["landmarks"] = np.asarray(face.landmarks).round(3).tolist()

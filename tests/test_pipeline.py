@@ -45,6 +45,9 @@ def _check_photo(runner, path):
     a, b = np.asarray(img.convert("RGB")), np.asarray(out.convert("RGB"))
     assert report.changed >= 1
     for f in report.faces:
+        if f.status == "too_small":  # a low-confidence speck below min_face_size: listed, left alone
+            assert f.face.size < runner.min_face_size and f.low_confidence
+            continue
         assert f.status == "changed"
         x0, y0, x1, y1 = [int(v) for v in f.face.box]
         region = (slice(max(0, y0), y1), slice(max(0, x0), x1))

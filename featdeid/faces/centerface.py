@@ -6,10 +6,13 @@ landmarks). Its weights ship in the package (``weights/centerface.safetensors``,
 ``weights/SOURCE.md``), so detection needs no network and nothing beyond torch.
 
 Input is RGB in [0, 255] (no normalisation), any size: the image is zero-padded to a multiple of 32.
+On CPUs with native bfloat16 (AVX-512 BF16 / AMX) the network runs under bfloat16 autocast, about
+twice as fast; the decoded boxes and scores are computed in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -125,6 +128,14 @@ def decode(
     return boxes[keep].numpy().astype(np.float64), pts[keep].numpy().astype(np.float64), score[keep].numpy().astype(np.float64)
 
 
+def _native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (then autocast is faster, not slower)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class CenterFaceDetector:
     """CenterFace on one image: ``detect(rgb) -> [Face]`` (boxes, 5 landmarks, scores), packaged weights.
 
@@ -147,6 +158,7 @@ class CenterFaceDetector:
         self.threshold = float(threshold)
         self.nms = float(nms)
         self.net = load_network(weights).to(memory_format=torch.channels_last)
+        self.bf16 = _native_bf16()
         self._lock = threading.Lock()
 
     def raw(self, rgb: np.ndarray, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,8 +167,9 @@ class CenterFaceDetector:
         ph, pw = -h % 32, -w % 32
         x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()[None]
         x = torch.nn.functional.pad(x, (0, pw, 0, ph)).contiguous(memory_format=torch.channels_last)
-        with self._lock, torch.inference_mode():
-            out = [o[0].contiguous() for o in self.net(x)]
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with self._lock, torch.inference_mode(), autocast:
+            out = [o[0].float().contiguous() for o in self.net(x)]
         return decode(*out, self.threshold if threshold is None else threshold, self.nms)
 
     def detect(self, rgb: np.ndarray) -> list[Face]:

@@ -142,8 +142,11 @@ def _open(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_photos(assets: Path, celeba: int, backends: list[str]) -> tuple[list[Photo], list[Photo]]:
-    """Group + single-subject photos (varied) and the tight crops (original only)."""
+def test_photos(assets: Path, celeba: int) -> tuple[list[Photo], list[Photo]]:
+    """Group + single-subject photos (varied) and the tight crops (original only). A single-subject
+    photo's subject is the largest face CenterFace (score >= 0.5) or dlib finds on the original."""
+    from .faces.detect import available_detectors
+
     from .faces.onet import onet_landmarks
 
     faces = assets / "faces"
@@ -158,7 +161,7 @@ def test_photos(assets: Path, celeba: int, backends: list[str]) -> tuple[list[Ph
     for d in dirs[:celeba]:
         path = sorted(d.glob("*.jpg"))[0]
         rgb = _open(path)
-        found = [f for b in backends for f in get_detector(b.split("+")[0]).detect(rgb) if f.score >= _confident(b)]
+        found = [f for b in ("centerface", "dlib") if b in available_detectors() for f in get_detector(b).detect(rgb) if f.score >= _confident(b)]
         if not found:
             continue
         box = max(found, key=lambda f: f.size).box
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     assets = Path(args.assets or os.environ.get("FEATDEID_ASSETS") or Path.cwd().parent / "shared" / "assets")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.set == "test":
-        photos, crops = test_photos(assets, args.celeba, [b for b in backends if not b.endswith("+thorough")])
+        photos, crops = test_photos(assets, args.celeba)
     else:
         photos, crops = validation_photos(assets), []
     ts = [float(t) for t in args.thresholds.split(",")] if args.thresholds else None

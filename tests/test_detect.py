@@ -125,7 +125,7 @@ def test_weak_detections_need_onets_agreement(truth, monkeypatch):
     assert not near_head(detect_faces(photo.rgb, "centerface"))
     monkeypatch.setattr(passes, "VERIFY_MIN_PROB", 0.0)
     weak = near_head(detect_faces(photo.rgb, "centerface"))
-    assert weak and weak[0].score < passes.VERIFY_BELOW
+    assert weak and weak[0].score < get_detector("centerface").confident
 
 
 def test_low_confidence_detections_are_changed_and_flagged(random_model, truth):

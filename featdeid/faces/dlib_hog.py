@@ -18,7 +18,7 @@ class DlibDetector:
     """dlib HOG detector; ``upsample`` None = once for photos up to 1000 px, else none."""
 
     name = "dlib"
-    confident = 0.0  # the HOG SVM's own decision boundary
+    confident = 0.0  # the HOG SVM's own decision boundary (its detection threshold: nothing is verified)
 
     def __init__(self, upsample: int | None = None, threshold: float = 0.0) -> None:
         try:

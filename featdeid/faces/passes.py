@@ -18,8 +18,7 @@ THOROUGH_ANGLES = (-90.0, -45.0, 45.0, 90.0)  # degrees; rotated copies searched
 UPSCALE = 2.0  # thorough mode also searches a copy this much larger (tiled), for small faces
 TILE_SCALE = 0.6  # photos that must shrink more than this are also searched in tiles at this scale
 TILT_REFINE = 20.0  # degrees of roll above which landmarks are re-estimated on an upright crop
-VERIFY_BELOW = 0.5  # detections scoring below this are checked by MTCNN's ONet on an upright crop
-VERIFY_MIN_PROB = 0.5  # ... and kept when ONet's face probability reaches this
+VERIFY_MIN_PROB = 0.5  # a detection below its detector's confident level is kept when ONet's face probability reaches this
 
 
 def merge(faces: list[Face], iou: float = 0.3, contain: float = 0.6) -> list[Face]:
@@ -160,7 +159,6 @@ def upright_crop(rgb: np.ndarray, face: Face, side: int = 96) -> tuple[np.ndarra
     return work, np.array([[side / 4, side / 4, 3 * side / 4, 3 * side / 4]]), m
 
 
-
 def onet_refined(rgb: np.ndarray, face: Face) -> Face:
     """``face`` with the 5 landmarks of MTCNN's ONet, estimated on an upright crop of its box and mapped back."""
     from .onet import onet_landmarks
@@ -169,15 +167,17 @@ def onet_refined(rgb: np.ndarray, face: Face) -> Face:
     return Face(face.box, onet_landmarks(work, box)[0] @ m[:, :2].T + m[:, 2], face.score)
 
 
-def verified(rgb: np.ndarray, faces: list[Face]) -> list[Face]:
-    """``faces`` without the low-scoring ones that MTCNN's ONet, shown each upright, does not take for a face."""
-    if VERIFY_MIN_PROB <= 0:
+def verified(det: Detector, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
+    """``faces`` without those scoring below ``det.confident`` that MTCNN's ONet, shown each upright, does
+    not take for a face (detectors without a ``confident`` level are trusted as they are)."""
+    below = getattr(det, "confident", None)
+    if below is None or VERIFY_MIN_PROB <= 0:
         return faces
     from .onet import onet_face_probability
 
     out = []
     for f in faces:
-        if f.score >= VERIFY_BELOW or onet_face_probability(*upright_crop(rgb, f)[:2])[0] >= VERIFY_MIN_PROB:
+        if f.score >= below or onet_face_probability(*upright_crop(rgb, f)[:2])[0] >= VERIFY_MIN_PROB:
             out.append(f)
     return out
 
@@ -188,8 +188,8 @@ def search(det: Detector, rgb: np.ndarray, max_side: int, thorough: bool = False
     A pass over the whole photo downscaled to ``max_side``; when that shrinks it by more than
     :data:`TILE_SCALE` (a 20 px face would fall below the ~12 px the detector sees), also overlapping
     ``max_side`` tiles of the photo at :data:`TILE_SCALE`. ``thorough`` adds mirrored, upscaled (tiled)
-    and rotated copies of the downscaled photo. Detections scoring below :data:`VERIFY_BELOW` are kept
-    only if MTCNN's ONet, shown them upright, agrees they are faces; tilted faces are re-detected on an
+    and rotated copies of the downscaled photo. Detections scoring below the detector's ``confident``
+    level are kept only if MTCNN's ONet, shown them upright, agrees they are faces; tilted faces are re-detected on an
     upright crop; detectors with ``refine_landmarks`` (CenterFace) take ONet's landmarks.
     """
     h, w = rgb.shape[:2]
@@ -214,6 +214,6 @@ def search(det: Detector, rgb: np.ndarray, max_side: int, thorough: bool = False
         bar = getattr(det, "thorough_threshold", None)
         if bar is not None:
             faces = [f for f in faces if f.score >= bar]
-    faces = verified(rgb, merge(faces))
+    faces = verified(det, rgb, merge(faces))
     faces = [upright_landmarks(det, rgb, f) if id(f) in tilted or abs(roll(f)) > TILT_REFINE else f for f in faces]
     return [onet_refined(rgb, f) for f in faces] if getattr(det, "refine_landmarks", False) else faces

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .faces.detect import Face, detect_faces, get_detector
+from .faces.detect import Face, box_area, box_intersection, box_iou, detect_faces, get_detector
 
 VARIANTS = ("original", "small16", "small24", "dark", "rot30", "rot60", "mask")
 TRUTH = Path(__file__).with_name("bench_data") / "bbt40_group_faces.json"
@@ -161,7 +161,8 @@ def test_photos(assets: Path, celeba: int) -> tuple[list[Photo], list[Photo]]:
     for d in dirs[:celeba]:
         path = sorted(d.glob("*.jpg"))[0]
         rgb = _open(path)
-        found = [f for b in ("centerface", "dlib") if b in available_detectors() for f in get_detector(b).detect(rgb) if f.score >= _confident(b)]
+        found = [f for b in ("centerface", "dlib") if b in available_detectors() for f in get_detector(b).detect(rgb)
+                 if f.score >= get_detector(b).confident]
         if not found:
             continue
         box = max(found, key=lambda f: f.size).box
@@ -222,10 +223,6 @@ def validation_photos(assets: Path, n: int = 30, per: int = 5, seed: int = 0) ->
     return photos
 
 
-def _confident(backend: str) -> float:
-    return 0.0 if backend.startswith("dlib") else 0.5
-
-
 def match(found: list[Face], boxes: np.ndarray) -> tuple[np.ndarray, int, list[int]]:
     """Which known faces are found (bool per box), how many detections match none, and the detection
     index matched to each known face (-1 where missed)."""
@@ -238,9 +235,7 @@ def match(found: list[Face], boxes: np.ndarray) -> tuple[np.ndarray, int, list[i
         for di, f in enumerate(found):
             b = f.box
             bc = (b[:2] + b[2:]) / 2
-            iw = max(0.0, min(b[2], g[2]) - max(b[0], g[0]))
-            ih = max(0.0, min(b[3], g[3]) - max(b[1], g[1]))
-            iou = iw * ih / ((b[2] - b[0]) * (b[3] - b[1]) + (g[2] - g[0]) * (g[3] - g[1]) - iw * ih)
+            iou = box_iou(b, g)
             mutual = b[0] <= gc[0] <= b[2] and b[1] <= gc[1] <= b[3] and g[0] <= bc[0] <= g[2] and g[1] <= bc[1] <= g[3]
             q = iou if (iou >= 0.3 or mutual) else 0.0
             if q > best_q or (mutual and best < 0):
@@ -254,9 +249,7 @@ def match(found: list[Face], boxes: np.ndarray) -> tuple[np.ndarray, int, list[i
 
 def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     """A second detection of a known face (e.g. a half face) is not a false positive."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return iw * ih > 0.3 * (a[2] - a[0]) * (a[3] - a[1])
+    return box_intersection(a, b) > 0.3 * box_area(a)
 
 
 def eye_error(face: Face, eyes: np.ndarray) -> float:

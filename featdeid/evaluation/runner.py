@@ -151,21 +151,14 @@ def _read(ds: FaceSet, i: int) -> np.ndarray:
     return np.array(open_image(ds.path(i)).convert("RGB"))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def redetect_frame(rgb: np.ndarray, box: np.ndarray, size: int, detector: str = "centerface") -> np.ndarray | None:
     """uint8 frame ``(3, S, S)`` of the face in ``rgb`` that overlaps ``box`` most (IoU >= 0.3), else None."""
     from ..faces.align import extract_faces, find_faces
+    from ..faces.detect import box_iou
 
     faces = find_faces(rgb, detector)
-    best = max(faces, key=lambda f: _iou(f.box, box), default=None)
-    if best is None or _iou(best.box, box) < 0.3:
+    best = max(faces, key=lambda f: box_iou(f.box, box), default=None)
+    if best is None or box_iou(best.box, box) < 0.3:
         return None
     fr, _ = extract_faces(rgb, [best], size)
     return _u8(fr[0]).numpy()

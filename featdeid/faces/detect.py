@@ -35,15 +35,29 @@ class Face:
         """Face size in pixels: the larger side of the box."""
         return float(max(self.box[2] - self.box[0], self.box[3] - self.box[1]))
 
-    def scaled(self, factor: float) -> Face:
-        return Face(self.box * factor, self.landmarks * factor, self.score)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "box": [round(float(v), 2) for v in self.box],
             "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
             "score": round(float(self.score), 4),
         }
+
+
+def box_area(b: np.ndarray) -> float:
+    """Area of a box ``x0, y0, x1, y1`` (0 for an empty one)."""
+    return max(float(b[2] - b[0]), 0.0) * max(float(b[3] - b[1]), 0.0)
+
+
+def box_intersection(a: np.ndarray, b: np.ndarray) -> float:
+    """Area shared by two boxes."""
+    return max(0.0, float(min(a[2], b[2]) - max(a[0], b[0]))) * max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boxes (0 when both are empty)."""
+    inter = box_intersection(a, b)
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
 
 
 class Detector(Protocol):
@@ -124,10 +138,8 @@ def detect_faces(
 ) -> list[Face]:
     """Every face of an ``(H, W, 3)`` uint8 array.
 
-    Photos larger than ``max_side`` are searched twice: on a copy downscaled to ``max_side`` (large
-    faces) and in overlapping full-resolution tiles of ``max_side`` (small faces), merged by NMS.
-    ``thorough`` adds test-time passes for hard photos (mirrored, upscaled and rotated copies).
-    Tilted faces get their landmarks re-estimated on an upright (de-rotated) crop.
+    How the photo is searched (downscaled copy, tiles for large photos, ``thorough`` test-time passes,
+    NMS, ONet's second opinion and landmarks) is :func:`.passes.search`.
 
     Returns:
         faces ordered left to right, then top to bottom (a stable order for identity assignment).
@@ -169,9 +181,7 @@ def landmarks_in_box(det: Detector, rgb: np.ndarray, box: np.ndarray) -> np.ndar
     best, best_iou = None, 0.1
     for f in merge(det.detect(np.ascontiguousarray(rgb[y0:y1, x0:x1]))):
         b = f.box + np.tile(off, 2)
-        iw = max(0.0, min(b[2], box[2]) - max(b[0], box[0]))
-        ih = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
-        iou = iw * ih / ((b[2] - b[0]) * (b[3] - b[1]) + (box[2] - box[0]) * (box[3] - box[1]) - iw * ih)
+        iou = box_iou(b, box)
         if iou > best_iou:
             best, best_iou = Face(b, f.landmarks + off, f.score), iou
     if best is not None and getattr(det, "refine_landmarks", False):

@@ -111,17 +111,22 @@ def _crops(img: torch.Tensor, squares: np.ndarray) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _forward(rgb: np.ndarray, squares: np.ndarray, net: ONet | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONet's outputs for the squared boxes of an ``(H, W, 3)`` uint8 array."""
+    net = _default_net() if net is None else net
+    param = next(net.parameters())
+    img = torch.tensor(rgb).permute(2, 0, 1).float()
+    with torch.inference_mode():
+        x = (_crops(img, squares) - 127.5) * 0.0078125
+        return net(x.to(param.device, param.dtype))
+
+
 def onet_face_probability(rgb: np.ndarray, boxes: np.ndarray, net: ONet | None = None) -> np.ndarray:
     """ONet's probability that each box of an ``(H, W, 3)`` uint8 RGB array holds an upright face, ``(N,)``."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(boxes) == 0:
         return np.zeros(0)
-    net = _default_net() if net is None else net
-    param = next(net.parameters())
-    img = torch.tensor(rgb).permute(2, 0, 1).float()
-    with torch.inference_mode():
-        x = (_crops(img, rerec(boxes)) - 127.5) * 0.0078125
-        return net(x.to(param.device, param.dtype))[2][:, 1].double().cpu().numpy()
+    return _forward(rgb, rerec(boxes), net)[2][:, 1].double().cpu().numpy()
 
 
 def onet_landmarks(rgb: np.ndarray, boxes: np.ndarray, net: ONet | None = None) -> np.ndarray:
@@ -148,12 +153,7 @@ def onet_landmarks(rgb: np.ndarray, boxes: np.ndarray, net: ONet | None = None) 
     squares = rerec(boxes)
     if (squares[:, 2] - squares[:, 0]).max() > MAX_SIDE_RATIO * max(rgb.shape[:2]):
         raise ConfigError(f"a box is more than {MAX_SIDE_RATIO:g} times the image's size")
-    net = _default_net() if net is None else net
-    param = next(net.parameters())
-    img = torch.tensor(rgb).permute(2, 0, 1).float()
-    with torch.inference_mode():
-        x = (_crops(img, squares) - 127.5) * 0.0078125
-        lm = net(x.to(param.device, param.dtype))[1].double().cpu().numpy()
+    lm = _forward(rgb, squares, net)[1].double().cpu().numpy()
     side = squares[:, 2:] - squares[:, :2] + 1  # facenet-pytorch's w_i, h_i
     xs = side[:, :1] * lm[:, :5] + squares[:, :1] - 1
     ys = side[:, 1:] * lm[:, 5:] + squares[:, 1:2] - 1

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .detect import Detector, Face
+from .detect import Detector, Face, box_area, box_intersection
 
 THOROUGH_ANGLES = (-90.0, -45.0, 45.0, 90.0)  # degrees; rotated copies searched in thorough mode
 UPSCALE = 2.0  # thorough mode also searches a copy this much larger (tiled), for small faces
@@ -27,19 +27,13 @@ def merge(faces: list[Face], iou: float = 0.3, contain: float = 0.6) -> list[Fac
     the smaller box), as a face cut by a tile border does."""
     kept: list[Face] = []
     for f in sorted(faces, key=lambda f: -f.score):
-        a = f.box
-        area_a = max(a[2] - a[0], 0) * max(a[3] - a[1], 0)
-        dup = False
+        area = box_area(f.box)
         for k in kept:
-            b = k.box
-            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-            inter = iw * ih
-            area_b = (b[2] - b[0]) * (b[3] - b[1])
-            if inter / max(area_a + area_b - inter, 1e-9) > iou or inter / max(min(area_a, area_b), 1e-9) > contain:
-                dup = True
+            inter = box_intersection(f.box, k.box)
+            other = box_area(k.box)
+            if inter / max(area + other - inter, 1e-9) > iou or inter / max(min(area, other), 1e-9) > contain:
                 break
-        if not dup:
+        else:
             kept.append(f)
     return kept
 
@@ -201,16 +195,15 @@ def search(det: Detector, rgb: np.ndarray, max_side: int, thorough: bool = False
     if thorough:
         small = rgb if factor == 1 else resized(rgb, factor)
         back = np.array([[1 / factor, 0, 0], [0, 1 / factor, 0]])
-        extra = mirrored_pass(det, small) + scaled_pass(det, small, UPSCALE, max_side)
+
+        def to_photo(found: list[Face]) -> list[Face]:
+            return [_mapped(f, back) for f in found] if factor < 1 else found
+
+        faces += to_photo(mirrored_pass(det, small) + scaled_pass(det, small, UPSCALE, max_side))
         for angle in THOROUGH_ANGLES:
-            found = rotated_pass(det, small, angle)
+            found = to_photo(rotated_pass(det, small, angle))
             tilted.update(id(f) for f in found)
-            extra += found
-        if factor < 1:
-            mapped = [_mapped(f, back) for f in extra]
-            tilted = {id(m) for f, m in zip(extra, mapped) if id(f) in tilted}
-            extra = mapped
-        faces += extra
+            faces += found
         bar = getattr(det, "thorough_threshold", None)
         if bar is not None:
             faces = [f for f in faces if f.score >= bar]
